@@ -1,0 +1,263 @@
+"""Typed run configuration: dataclasses, one YAML file, dotted command-line overrides, clear errors.
+
+``load_config("run.yaml", ["grpo.kl_coef=0.01", "rollout.n=4"])`` builds a :class:`RunConfig`. Unknown keys
+and values of the wrong type raise :class:`ConfigError` naming the key and listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lingshu_rl.telemetry import WandbConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # a Hugging Face model directory or hub id; "tiny" builds the embedded demo model
+    trust_remote_code: bool = False  # run code shipped with a model; off unless you trust the source
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"  # "demo" (generated medical MCQ set) or a JSONL/Parquet file in the sample format
+    heldout: str = "demo"  # evaluation split: "demo" or a file
+    max_prompt_tokens: int = 512  # longer prompts are rejected with the sample id
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["transformers"] = "transformers"
+    n: int = 8  # responses sampled per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)  # extra stop strings besides the end-of-turn token
+    num_workers: int = 1  # rollout actors; a batch is split between them
+
+
+@dataclass
+class TrainConfig:
+    engine: Literal["torch"] = "torch"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate up to the update
+    updates_per_step: int = 1  # optimiser updates per GRPO step (>1 splits the batch into mini-batches)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads per worker (0: torch's default)
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 100
+    prompts_per_step: int = 8
+    adv_scale: Literal["group", "batch", "none"] = "group"  # none = Dr. GRPO (no std scaling)
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO clip-higher: e.g. 0.28
+    kl_coef: float = 0.001  # KL loss to the reference policy; 0 skips the reference worker
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k3 = low-variance KL (verl's low_var_kl)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
+    max_nan_steps: int = 3  # consecutive skipped (non-finite loss) updates before the run stops
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = 0  # supervised steps on the train split's targets before GRPO (0: none)
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+@dataclass
+class RewardConfig:
+    rewards: list[Any] = field(default_factory=lambda: ["mcq_exact"])  # refs, "0.5*format+1.0*mcq_exact", or {ref, weight, kwargs}
+    workers: int = 2  # reward processes (0: score in the driver, no timeouts)
+    timeout_s: float = 30.0  # per sample
+    failure_score: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); None starts a local one
+    num_cpus: int | None = None  # CPUs a local cluster declares (None: all)
+    colocate: bool = True  # all roles share one placement group (one machine); False: a group per role
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    rollout_cpus: float = 1.0  # per rollout worker
+    rollout_gpus: float = 0.0
+    ref_cpus: float = 1.0
+    ref_gpus: float = 0.0
+    dashboard_host: str = "127.0.0.1"  # never exposed beyond this machine unless you set it
+    dashboard_port: int = 8265
+    include_dashboard: bool = True
+    metrics_export_port: int | None = None  # Prometheus endpoint of Ray's metrics agent (None: Ray picks)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps between checkpoints (a final one is always written)
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    samples_per_step: int = 4  # rows written to samples.jsonl each step
+    ray_metrics: bool = True
+    console: bool = True
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str | None = None  # default: runs/<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key {full!r}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then each ``key.path=value`` override, validated together."""
+    tree = to_dict(RunConfig())
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        _merge(tree, loaded)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    config = from_dict(RunConfig, tree)
+    validate(config)
+    return config
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks the types cannot express."""
+    checks = [
+        (config.rollout.n >= 2, "rollout.n must be >= 2 (GRPO compares responses within a group)"),
+        (config.rollout.temperature > 0, "rollout.temperature must be > 0"),
+        (0 < config.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (config.rollout.max_new_tokens > 0, "rollout.max_new_tokens must be > 0"),
+        (config.rollout.num_workers >= 1, "rollout.num_workers must be >= 1"),
+        (config.grpo.steps >= 0 and config.grpo.prompts_per_step >= 1, "grpo.steps >= 0 and grpo.prompts_per_step >= 1"),
+        (config.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+        (config.grpo.clip_low >= 0 and config.grpo.clip_high >= 0, "grpo.clip_low/clip_high must be >= 0"),
+        (config.train.lr > 0 and config.train.micro_batch_size >= 1, "train.lr > 0 and train.micro_batch_size >= 1"),
+        (config.train.updates_per_step >= 1, "train.updates_per_step must be >= 1"),
+        (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1"),
+        (config.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
+        (len(config.reward.rewards) >= 1, "reward.rewards needs at least one reward"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,1 @@
+"""GRPO: the algorithm's math, the Ray workers and the controller loop."""

@@ -1,0 +1,100 @@
+"""GRPO math as pure functions. Shapes: B prompts, n responses each, N = B*n sequences, T token positions.
+
+Per-token tensors are aligned with ``input_ids``: the value for the token at position t sits at t, and
+``mask`` is 1 exactly on response tokens (prompt and padding are 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """Group-normalised advantages from outcome rewards ``[B, n]`` -> ``[B, n]``.
+
+    ``group``: (r - group mean) / (group std + eps)   (GRPO; std with Bessel's correction, as verl)
+    ``batch``: (r - group mean) / (batch std + eps)
+    ``none``:  r - group mean                          (Dr. GRPO: no std scaling)
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
+
+
+def informative_groups(rewards: Tensor) -> Tensor:
+    """Dynamic sampling (DAPO): a ``[B]`` bool mask of groups whose rewards are not all equal."""
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token KL(policy || reference) estimates from sampled tokens ``[N, T]`` (Schulman's k1/k2/k3).
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r with log r = logp - ref_logp.
+    k3 is unbiased and always >= 0 (verl's ``low_var_kl``; clamped to [-10, 10] as there).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        neg = (-log_ratio).clamp(-20.0, 20.0)
+        return (neg.exp() - 1.0 - neg).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_low: float,
+                        clip_high: float) -> tuple[Tensor, Tensor]:
+    """PPO-clip with separate bounds (DAPO clip-higher): per-token loss ``[N, T]`` and clipped flags.
+
+    ``advantages`` is ``[N]`` (one outcome advantage per sequence), broadcast over tokens.
+    loss = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, num_tokens: float, num_seqs: float) -> Tensor:
+    """Reduce a per-token quantity ``[N, T]`` to a scalar.
+
+    ``num_tokens`` / ``num_seqs`` are the totals over the whole update (all micro-batches and ranks), so summing
+    this over micro-batches gives exactly the full-batch value: gradient accumulation changes nothing.
+      token-mean:           sum of all tokens / num_tokens         (DAPO; every token weighs the same)
+      seq-mean-token-mean:  sum over seqs of (seq token mean) / num_seqs   (original GRPO)
+      seq-mean-token-sum:   sum over seqs of (seq token sum) / num_seqs
+    """
+    masked = per_token * mask
+    if mode == "token-mean":
+        return masked.sum() / num_tokens
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)).sum() / num_seqs
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / num_seqs
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each token under the logits of the previous position: ``[N, T]`` (position 0 -> 0).
+
+    Logits are divided by the sampling temperature so the policy matches the distribution sampled from.
+    """
+    logits = logits[:, :-1].float() / temperature
+    targets = input_ids[:, 1:]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.nn.functional.pad(picked, (1, 0), value=0.0)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-position entropy of the next-token distribution, aligned like :func:`token_logprobs`."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.nn.functional.pad(entropy, (1, 0), value=0.0)

@@ -1,0 +1,51 @@
+"""The GRPO micro-batch loss: PPO-clip policy term + KL to the reference - entropy bonus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lingshu_rl.grpo.algorithm import aggregate, clipped_policy_loss, kl_estimate
+from lingshu_rl.train.batch import TokenBatch
+
+
+@dataclass
+class GRPOLoss:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg: str = "token-mean"
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0.0
+
+    def __call__(self, logprobs: Tensor, entropy: Tensor | None, batch: TokenBatch, num_tokens: float,
+                 num_seqs: float) -> tuple[Tensor, dict[str, Tensor]]:
+        assert batch.advantages is not None, "GRPO needs advantages in the batch"
+        mask = batch.response_mask
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+
+        def agg(x: Tensor, mode: str = self.loss_agg) -> Tensor:
+            return aggregate(x, mask, mode, num_tokens, num_seqs)
+
+        pg_per_token, clipped = clipped_policy_loss(logprobs, old, batch.advantages, self.clip_low, self.clip_high)
+        pg_loss = agg(pg_per_token)
+        loss = pg_loss
+        metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": agg(clipped.float(), "token-mean"),
+                   "actor/logprob_mean": agg(old, "token-mean")}
+        if batch.ref_logprobs is not None:
+            kl = kl_estimate(logprobs, batch.ref_logprobs, self.kl_estimator)
+            kl_loss = agg(kl)
+            loss = loss + self.kl_coef * kl_loss
+            metrics["actor/kl"] = agg(kl.detach(), "token-mean")
+        if entropy is not None:
+            entropy_mean = agg(entropy)
+            loss = loss - self.entropy_coef * entropy_mean
+            metrics["actor/entropy"] = entropy_mean.detach()
+        metrics["actor/loss"] = loss.detach()
+        return loss, metrics

@@ -1,0 +1,92 @@
+"""The code that runs inside the Ray actors: the policy worker (actor or reference) and the rollout worker.
+
+Workers pick their engine from the config inside their own process (an engine may hold a GPU or start
+processes of its own, e.g. vLLM), so the controller never imports an engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lingshu_rl.config import ModelConfig, RolloutConfig, TrainConfig
+from lingshu_rl.rollout.protocol import Generation, RolloutEngine, SamplingParams
+from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.protocol import Loss, TrainEngine
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def make_train_engine(model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
+                      trainable: bool, lr: float | None = None) -> TrainEngine:
+    if train_cfg.engine == "torch":
+        from lingshu_rl.train.torch_engine import TorchEngine
+
+        return TorchEngine(model_path, model_cfg, train_cfg, total_steps, trainable, lr)
+    raise ValueError(f"unknown training engine {train_cfg.engine!r}")
+
+
+def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, device: str
+                        ) -> RolloutEngine:
+    if rollout_cfg.engine == "transformers":
+        from transformers import AutoTokenizer
+
+        from lingshu_rl.rollout.hf_engine import TransformersRollout
+        from lingshu_rl.train.torch_engine import _DTYPES, pick_device
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        return TransformersRollout(model_path, tokenizer, _DTYPES[model_cfg.dtype], pick_device(device),
+                                   model_cfg.trust_remote_code)
+    raise ValueError(f"unknown rollout engine {rollout_cfg.engine!r}")
+
+
+class PolicyWorker:
+    """The actor (trainable) or the reference policy (frozen) around a training engine."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
+                 trainable: bool, seed: int, threads: int = 0, lr: float | None = None):
+        _set_threads(threads)
+        torch.manual_seed(seed)
+        self.engine = make_train_engine(model_path, model_cfg, train_cfg, total_steps, trainable, lr)
+
+    def logprobs(self, batch: TokenBatch, temperature: float) -> Tensor:
+        return self.engine.logprobs(batch, temperature)
+
+    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        return self.engine.update(batch, loss)
+
+    def weights(self) -> dict[str, Tensor]:
+        return self.engine.weights()
+
+    def save(self, directory: str) -> None:
+        self.engine.save(Path(directory))
+
+    def load_training_state(self, directory: str) -> None:
+        self.engine.load_training_state(Path(directory))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RolloutWorker:
+    """Generates responses for token-id prompts; receives new weights after every update."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, device: str = "auto",
+                 threads: int = 0):
+        _set_threads(threads)
+        self.engine = make_rollout_engine(model_path, model_cfg, rollout_cfg, device)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        return self.engine.generate(prompts, params)
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        self.engine.load_weights(weights)
+
+    def pid(self) -> int:
+        return os.getpid()

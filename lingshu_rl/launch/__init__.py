@@ -1,0 +1,1 @@
+"""``python -m lingshu_rl.launch``: config -> Ray -> warm-up SFT -> GRPO."""

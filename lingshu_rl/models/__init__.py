@@ -1,0 +1,1 @@
+"""Model builders (the tiny offline demo model)."""

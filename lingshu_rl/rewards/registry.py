@@ -1,0 +1,113 @@
+"""Built-in reward names and the resolver that turns a ``--reward`` reference into a function.
+
+Resolution order for a reference ``REF`` (the first that applies wins):
+1. a built-in name (``mcq_exact``, ``format``, ``answer_norm``, ...);
+2. an installed entry point named ``REF`` in the group ``lingshu_rl.rewards``;
+3. ``package.module:function`` (importable module);
+4. ``path/to/file.py:function`` (a Python file on disk).
+A function written for verl (``compute_score(data_source, solution_str, ground_truth, extra_info)``) or for
+TRL (``f(prompts, completions, **columns)``) is recognised by its signature and adapted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import cloudpickle
+
+from lingshu_rl.rewards.base import RewardFn
+
+ENTRY_POINT_GROUP = "lingshu_rl.rewards"
+_BUILTINS: dict[str, RewardFn] = {}
+
+
+class RewardResolutionError(LookupError):
+    """A ``--reward`` reference that matched nothing; the message lists every attempt."""
+
+
+def register(name: str):
+    """Decorator: register a function as a built-in reward under ``name``."""
+
+    def wrap(fn: RewardFn) -> RewardFn:
+        if name in _BUILTINS and _BUILTINS[name] is not fn:
+            raise ValueError(f"reward {name!r} is already registered")
+        _BUILTINS[name] = fn
+        return fn
+
+    return wrap
+
+
+def builtin_rewards() -> dict[str, RewardFn]:
+    import lingshu_rl.rewards  # noqa: F401  (importing the package registers the built-ins)
+
+    return dict(_BUILTINS)
+
+
+def _from_entry_point(ref: str) -> RewardFn | None:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == ref:
+            return ep.load()
+    return None
+
+
+def _from_module(ref: str) -> RewardFn:
+    module_name, _, attr = ref.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr)
+
+
+def _from_file(ref: str) -> RewardFn:
+    path_str, _, attr = ref.rpartition(":")
+    path = Path(path_str).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    module_name = f"lingshu_rl_user_reward_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)  # worker processes cannot import a file by its made-up name
+    return getattr(module, attr)
+
+
+def resolve_reward(ref: str) -> RewardFn:
+    """Turn a reference into a lingshu reward function (see the module docstring for the order)."""
+    from lingshu_rl.rewards.adapters import adapt_foreign
+
+    ref = ref.strip()
+    builtins = builtin_rewards()
+    if ref in builtins:
+        return builtins[ref]
+    tried = [f"built-in name (known: {', '.join(sorted(builtins))})"]
+
+    try:
+        fn = _from_entry_point(ref)
+    except Exception as err:  # a broken plugin package must not hide the other attempts
+        tried.append(f"entry point {ref!r} in group {ENTRY_POINT_GROUP!r}: failed to load: {err!r}")
+    else:
+        if fn is not None:
+            return adapt_foreign(fn)
+        tried.append(f"entry point in group {ENTRY_POINT_GROUP!r}: none named {ref!r}")
+
+    if ":" in ref:
+        path_part = ref.rpartition(":")[0]
+        looks_like_file = path_part.endswith(".py") or "/" in path_part or "\\" in path_part
+        loaders = [("file", _from_file), ("module", _from_module)] if looks_like_file else [("module", _from_module), ("file", _from_file)]
+        for kind, loader in loaders:
+            try:
+                fn = loader(ref)
+            except Exception as err:
+                tried.append(f"{kind} {ref!r}: {type(err).__name__}: {err}")
+                continue
+            if not callable(fn):
+                tried.append(f"{kind} {ref!r}: found {type(fn).__name__}, which is not callable")
+                continue
+            return adapt_foreign(fn)
+    else:
+        tried.append("'package.module:function' or 'path/to/file.py:function': the reference has no ':'")
+    raise RewardResolutionError(f"cannot resolve reward {ref!r}. Tried, in order:\n  - " + "\n  - ".join(tried))

@@ -1,0 +1,38 @@
+"""What the rollout workers need from a generation engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings; every engine gives them the same meaning."""
+
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)  # stop strings (the end-of-turn token always stops)
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the end-of-turn token when the model produced one
+    text: str  # decoded response without special tokens
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float] | None = None  # the engine's own sampling log-probs, where available
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """``params.n`` generations per prompt, grouped: prompt 0's n responses first."""
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Replace the model weights in place (Hugging Face names)."""

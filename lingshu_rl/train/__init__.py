@@ -1,0 +1,6 @@
+"""Training engines behind one protocol (plain torch/transformers now; megatron-core later)."""
+
+from lingshu_rl.train.batch import TokenBatch, collate
+from lingshu_rl.train.protocol import Loss, TrainEngine
+
+__all__ = ["Loss", "TokenBatch", "TrainEngine", "collate"]

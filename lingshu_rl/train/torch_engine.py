@@ -1,0 +1,122 @@
+"""Training engine on plain torch + transformers (CPU, or one GPU)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.grpo.algorithm import entropy_from_logits, token_logprobs
+from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.optim import make_optimizer
+from lingshu_rl.train.protocol import Loss
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchEngine:
+    """A causal LM with AdamW. ``trainable=False`` gives a frozen model (the reference policy)."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int = 1,
+                 trainable: bool = True, lr: float | None = None):
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        self.cfg = train_cfg
+        self.device = pick_device(train_cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code).to(self.device)
+        self.model.config.use_cache = False
+        self.trainable = trainable
+        if trainable:
+            self.model.train()
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer, self.scheduler = make_optimizer(self.params, train_cfg, total_steps, lr)
+        else:
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    def _logits(self, batch: TokenBatch) -> Tensor:
+        mask = batch.attention_mask.to(self.device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, position_ids=positions).logits
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        start = 0
+        for micro in batch.chunks(self.cfg.micro_batch_size):
+            lp = token_logprobs(self._logits(micro), micro.input_ids.to(self.device), temperature).cpu()
+            out[start:start + len(micro), :lp.shape[1]] = lp
+            start += len(micro)
+        return out * batch.response_mask
+
+    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        """``cfg.updates_per_step`` optimiser steps over mini-batches of ``batch``; a non-finite loss or gradient
+        norm skips that step (reported as ``actor/nan_skipped``)."""
+        assert self.trainable, "this engine is frozen"
+        mini_size = math.ceil(len(batch) / self.cfg.updates_per_step)
+        per_update = [self._update_once(mini, loss) for mini in batch.chunks(mini_size)]
+        metrics = {key: sum(m[key] for m in per_update) / len(per_update) for key in per_update[0]}
+        metrics["actor/nan_skipped"] = float(sum(m["actor/nan_skipped"] for m in per_update))
+        return metrics
+
+    def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        num_tokens = float(batch.response_mask.sum().clamp(min=1))
+        num_seqs = float(len(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        finite = True
+        for micro in batch.chunks(self.cfg.micro_batch_size):
+            micro = micro.with_(**{k: getattr(micro, k).to(self.device) for k in
+                                   ("response_mask", "advantages", "old_logprobs", "ref_logprobs")
+                                   if getattr(micro, k) is not None})
+            logits = self._logits(micro)
+            input_ids = micro.input_ids.to(self.device)
+            logprobs = token_logprobs(logits, input_ids, loss.temperature) * micro.response_mask
+            entropy = entropy_from_logits(logits, loss.temperature) if loss.needs_entropy else None
+            value, metrics = loss(logprobs, entropy, micro, num_tokens, num_seqs)
+            if not torch.isfinite(value):
+                finite = False
+                break
+            value.backward()
+            for key, metric in metrics.items():
+                sums[key] += float(metric)
+        grad_norm = float("nan")
+        if finite:
+            max_norm = self.cfg.max_grad_norm or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0],
+                "actor/nan_skipped": 0.0 if finite else 1.0}
+
+    def weights(self) -> dict[str, Tensor]:
+        return {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(directory / "model")
+        if self.trainable:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+
+    def load_training_state(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
