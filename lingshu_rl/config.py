@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["transformers"] = "transformers"
+    engine: Literal["auto", "transformers", "vllm"] = "transformers"  # auto: vLLM when importable, else transformers
     n: int = 8  # responses sampled per prompt (the GRPO group size)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -47,11 +47,17 @@ class RolloutConfig:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)  # extra stop strings besides the end-of-turn token
     num_workers: int = 1  # rollout actors; a batch is split between them
+    tensor_parallel_size: int = 1  # vLLM: devices per rollout worker
+    gpu_memory_utilization: float = 0.5  # vLLM on GPU: fraction of the GPU's memory for its weights + KV cache
+    enable_sleep_mode: bool = False  # vLLM on one GPU shared with the actor: free its memory during the update
+    tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(exp(train - rollout logp), cap); 0 off
 
 
 @dataclass
 class TrainConfig:
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "megatron"] = "torch"  # megatron: megatron-core tensor parallel (extra [megatron])
+    tensor_parallel_size: int = 1  # megatron engine: ranks (Ray actors, one GPU each) sharing the model
+    pipeline_parallel_size: int = 1  # megatron engine: only 1 is supported for now
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -63,6 +69,8 @@ class TrainConfig:
     updates_per_step: int = 1  # optimiser updates per GRPO step (>1 splits the batch into mini-batches)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per worker (0: torch's default)
+    freeze: list[str] = field(default_factory=list)  # parameter-name globs kept frozen, e.g. "model.visual.*"
+    lr_groups: dict[str, float] = field(default_factory=dict)  # glob -> learning rate, e.g. {"model.visual.*": 2e-6}
 
 
 @dataclass
@@ -81,10 +89,45 @@ class GRPOConfig:
 
 
 @dataclass
-class WarmupConfig:
-    steps: int = 0  # supervised steps on the train split's targets before GRPO (0: none)
-    batch_size: int = 32
-    lr: float = 1e-3
+class SFTSourceConfig:
+    path: str = "demo"  # "demo" or a JSONL/Parquet file whose samples end with an assistant turn (or have `target`)
+    epochs: float = 1.0  # passes over this source per stage; a fraction takes a seeded subset
+    weight: float | None = None  # instead: draw batches from sources in proportion to weight (needs stage steps)
+
+
+@dataclass
+class SFTStageConfig:
+    """One supervised stage: a data mix, what trains, and how. Starts from the previous stage's model."""
+
+    name: str = "sft"  # also the stage's folder: OUTPUT_DIR/sft/<name>
+    data: list[SFTSourceConfig] = field(default_factory=lambda: [SFTSourceConfig()])
+    freeze: list[str] = field(default_factory=list)  # parameter-name globs kept frozen in this stage
+    lr: float = 1e-5
+    lr_groups: dict[str, float] = field(default_factory=dict)  # glob -> learning rate (e.g. vision 2e-6)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    steps: int = 0  # optimiser steps; 0: one pass over the mix (its epochs)
+    batch_size: int = 32  # samples (or packed rows) per optimiser step
+    max_length: int = 1024  # tokens per sample (longer ones are cut) and per packed row
+    packing: bool = False
+    chat_template: str | None = None  # a Jinja chat template file replacing the tokenizer's from this stage on
+    checkpoint_every: int = 50
+
+
+@dataclass
+class SFTConfig:
+    stages: list[SFTStageConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)  # e.g. [demo] or [medqa, pubmedqa]; empty: no eval stage
+    data_dir: str | None = None  # folder holding the benchmark files (e.g. ../shared/data)
+    limit: int | None = None  # items per benchmark (None: all)
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    max_new_tokens: int = 64
+    compare: bool = True  # also evaluate the base and post-SFT models and write one comparison table
 
 
 @dataclass
@@ -135,7 +178,8 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -170,6 +214,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -181,6 +230,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return origin(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -210,12 +264,24 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     path, raw = assignment.split("=", 1)
     keys = path.strip().split(".")
-    node = tree
+    node: Any = tree
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # list items by index: sft.stages.0.lr=1e-5
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {assignment!r}: {key!r} is not an index of a {len(node)}-item list")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {assignment!r}: {last!r} is not an index of a {len(node)}-item list")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -249,11 +315,21 @@ def validate(config: RunConfig) -> None:
         (0 < config.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (config.rollout.max_new_tokens > 0, "rollout.max_new_tokens must be > 0"),
         (config.rollout.num_workers >= 1, "rollout.num_workers must be >= 1"),
+        (config.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
+        (0 < config.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
+        (config.rollout.tis_cap == 0 or config.rollout.tis_cap >= 1,
+         "rollout.tis_cap must be 0 (off) or >= 1 (the largest importance weight)"),
+        (not (config.rollout.tis_cap and config.rollout.engine == "transformers"),
+         "rollout.tis_cap needs the rollout engine's sampling log-probs: use rollout.engine=vllm (or auto)"),
         (config.grpo.steps >= 0 and config.grpo.prompts_per_step >= 1, "grpo.steps >= 0 and grpo.prompts_per_step >= 1"),
         (config.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
         (config.grpo.clip_low >= 0 and config.grpo.clip_high >= 0, "grpo.clip_low/clip_high must be >= 0"),
         (config.train.lr > 0 and config.train.micro_batch_size >= 1, "train.lr > 0 and train.micro_batch_size >= 1"),
         (config.train.updates_per_step >= 1, "train.updates_per_step must be >= 1"),
+        (config.train.tensor_parallel_size >= 1, "train.tensor_parallel_size must be >= 1"),
+        (config.train.pipeline_parallel_size == 1, "train.pipeline_parallel_size: only 1 is supported"),
+        (config.train.engine == "megatron" or config.train.tensor_parallel_size == 1,
+         "train.tensor_parallel_size > 1 needs train.engine=megatron"),
         (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1"),
         (config.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
         (len(config.reward.rewards) >= 1, "reward.rewards needs at least one reward"),

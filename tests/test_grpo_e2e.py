@@ -29,13 +29,14 @@ FLAKY = """
         return 0.0
 """
 
-SMALL = ["warmup.steps=30", "warmup.batch_size=16", "grpo.steps=4", "grpo.prompts_per_step=4", "rollout.n=4",
+SMALL = ["sft.stages.0.steps=30", "sft.stages.0.batch_size=16", "grpo.steps=4", "grpo.prompts_per_step=4", "rollout.n=4",
          "rollout.max_new_tokens=12", "checkpoint.every=2", "checkpoint.keep=3", "reward.timeout_s=1.5",
          "cluster.include_dashboard=false", "logging.samples_per_step=2"]
 
 
 def launch(output_dir: Path, *extra: str, reward: str, wandb: str = "disabled", **popen) -> subprocess.Popen:
-    args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", reward, "--output-dir", str(output_dir)]
+    args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", reward, "--output-dir", str(output_dir),
+            "--stages", "sft,grpo"]
     for item in [*SMALL, f"logging.wandb.mode={wandb}"]:
         args += ["--set", item]
     env = {**os.environ, "LINGSHU_CACHE": str(output_dir.parent / "cache")}

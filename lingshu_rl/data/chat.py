@@ -29,19 +29,39 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample, max_tokens
     return ids
 
 
-def encode_sft(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[list[int], list[int]]:
-    """Prompt ids and target ids of a sample whose last message is the assistant turn to learn.
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int:
+    if "<|im_end|>" in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer.eos_token_id
 
-    The target is the assistant text followed by the end-of-turn token, so the model learns to stop.
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, sample: Sample, max_length: int | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and a loss mask that is 1 on assistant tokens only.
+
+    Multi-turn aware: every assistant turn (its text and its end-of-turn token) is learnt; system and user
+    turns, and the template's assistant header, are not. Each assistant turn is located by rendering the
+    conversation up to it with and without that turn, so any template that renders a prefix consistently
+    works. Longer conversations are cut at ``max_length`` (the mask follows the cut).
     """
-    if not sample.messages or sample.messages[-1]["role"] != "assistant":
-        raise ValueError(f"sample {sample.id!r} has no final assistant message to learn")
-    prompt = encode_prompt(tokenizer, sample)
-    full = _ids(tokenizer.apply_chat_template(sample.messages, tokenize=True))
-    if full[:len(prompt)] != prompt:
-        raise ValueError(f"sample {sample.id!r}: the chat template does not extend the prompt with the answer")
-    target = full[len(prompt):]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    if end in target:  # drop whatever the template adds after the end-of-turn token (e.g. a newline)
-        target = target[:target.index(end) + 1]
-    return prompt, target
+    if not any(m["role"] == "assistant" for m in sample.messages):
+        raise ValueError(f"sample {sample.id!r} has no assistant message to learn")
+    end = _end_of_turn(tokenizer)
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, message in enumerate(sample.messages):
+        if message["role"] != "assistant":
+            continue
+        before = _ids(tokenizer.apply_chat_template(sample.messages[:i], add_generation_prompt=True, tokenize=True))
+        through = _ids(tokenizer.apply_chat_template(sample.messages[:i + 1], tokenize=True))
+        if before[:len(ids)] != ids or through[:len(before)] != before:
+            raise ValueError(f"sample {sample.id!r}: the chat template does not render turn {i} as an extension "
+                             "of the conversation before it")
+        turn = through[len(before):]
+        if end in turn:  # whatever the template adds after the end-of-turn token belongs to the next turn
+            turn = turn[:turn.index(end) + 1]
+        mask += [0] * (len(before) - len(ids)) + [1] * len(turn)
+        ids = before + turn
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return ids, mask

@@ -17,16 +17,20 @@ model learns fact -> drug-name recall in seconds on a CPU but not fact -> option
 chance for minutes, see the tiny-demo notes), so the option-text answer lets SFT and GRPO show progress.
 
 Splits. Both splits ask about the same facts (a model cannot infer an unseen fact from its name, so
-held-out facts would only measure chance). The held-out split measures whether the recall generalises:
-its questions use phrasings that never occur in training (:data:`HELDOUT_TEMPLATES`) and option sets
-(the gold drug with its three distractors) that no training question about that fact uses; so no
-held-out prompt equals a training prompt.
+held-out facts would only measure chance); the held-out split measures whether the fact -> drug recall that
+SFT and GRPO teach holds on questions the model was not trained on: every held-out question uses an option
+set (the gold drug with its three distractors) that no training question about that fact uses, in a fresh
+order, so no held-out prompt equals a training prompt. By default it uses the training phrasings
+(:data:`TRAIN_TEMPLATES`); ``paraphrased_heldout=True`` asks it in phrasings never seen in training
+(:data:`HELDOUT_TEMPLATES`) instead, a harder generalisation probe: a tiny model that answers 99% of training
+questions gets about 60-70% of those, and GRPO on the training phrasings moves that number unpredictably.
 """
 
 from __future__ import annotations
 
+import math
 import random
-import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -60,10 +64,8 @@ FACTS: tuple[tuple[str, str], ...] = (
     ("chronic myeloid leukemia", "imatinib"),
 )
 
-SYSTEM_PROMPT = (
-    "You are a medical assistant. Answer the multiple-choice question with the text of the correct option "
-    "inside <answer></answer>."
-)
+# Short on purpose: on a CPU the prompt length dominates the cost of every training step.
+SYSTEM_PROMPT = "Answer with the text of the correct option inside <answer></answer>."
 
 TRAIN_TEMPLATES: tuple[str, ...] = (
     "Which drug is first-line for {condition}?",
@@ -76,7 +78,6 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
 )
 
 LETTERS = "ABCD"
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def _question(template: str, condition: str, options: dict[str, str]) -> str:
@@ -115,11 +116,13 @@ def _facts_cycle(rng: random.Random, n: int) -> list[int]:
     return facts
 
 
-def make_demo_dataset(n_train: int = 2000, n_heldout: int = 200, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+def make_demo_dataset(n_train: int = 2000, n_heldout: int = 200, seed: int = 0, *,
+                      paraphrased_heldout: bool = False) -> tuple[list[Sample], list[Sample]]:
     """Generate the demo's ``(train, heldout)`` multiple-choice samples, deterministically from ``seed``.
 
     Ids are ``demo-train-<i>`` and ``demo-heldout-<i>``. Facts are balanced across each split, the gold letter
-    is uniform over A-D. Held-out items use unseen phrasings and option sets (see the module docstring).
+    is uniform over A-D. Held-out items use option sets unseen in training and, with ``paraphrased_heldout``,
+    unseen phrasings (see the module docstring). The training split does not depend on the held-out options.
     """
     if n_train < 0 or n_heldout < 0:
         raise ValueError("n_train and n_heldout must be >= 0")
@@ -131,14 +134,19 @@ def make_demo_dataset(n_train: int = 2000, n_heldout: int = 200, seed: int = 0) 
         seen_sets.add((fact, frozenset(drugs)))
         train.append(_make_sample(f"demo-train-{i}", fact, rng.randrange(len(TRAIN_TEMPLATES)), TRAIN_TEMPLATES,
                                   drugs, "train"))
+    templates = HELDOUT_TEMPLATES if paraphrased_heldout else TRAIN_TEMPLATES
+    n_sets = math.comb(len(FACTS) - 1, len(LETTERS) - 1)
+    sets_per_fact = Counter(fact for fact, _ in seen_sets)
     heldout: list[Sample] = []
     for i, fact in enumerate(_facts_cycle(rng, n_heldout)):
-        for _ in range(1000):  # 1,140 option sets per fact; rejection is rare
+        if sets_per_fact[fact] >= n_sets:
+            raise ValueError(f"n_train={n_train} uses every option set of a fact: no unseen held-out question left")
+        while True:  # rejection is rare: 969 option sets per fact, ~n_train/20 of them used by training
             drugs = _draw(rng, fact)
             if (fact, frozenset(drugs)) not in seen_sets:
                 break
-        heldout.append(_make_sample(f"demo-heldout-{i}", fact, rng.randrange(len(HELDOUT_TEMPLATES)),
-                                    HELDOUT_TEMPLATES, drugs, "heldout"))
+        heldout.append(_make_sample(f"demo-heldout-{i}", fact, rng.randrange(len(templates)), templates, drugs,
+                                    "heldout"))
     return train, heldout
 
 
@@ -152,13 +160,23 @@ def demo_sft_sample(sample: Sample) -> Sample:
     return replace(sample, messages=[*sample.messages, {"role": "assistant", "content": demo_target(sample)}])
 
 
+def answer_text(response: str) -> str | None:
+    """The text in the last ``<answer>`` tag of ``response`` (an unclosed last tag runs to the end), as
+    ``mcq_exact`` reads it; ``None`` without a tag."""
+    start = response.rfind("<answer>")
+    if start < 0:
+        return None
+    body = response[start + len("<answer>"):]
+    end = body.find("</answer>")
+    return body if end < 0 else body[:end]
+
+
 def demo_score(response: str, sample: Sample) -> float:
-    """Reference scorer for the demo: 1.0 when the text in the first ``<answer>`` tags is the gold option's
-    text (case-insensitive, surrounding space ignored), else 0.0. ``mcq_exact`` agrees on these outputs."""
-    match = _ANSWER_RE.search(response)
-    if match is None:
-        return 0.0
-    return float(match.group(1).strip().lower() == sample.options[sample.answer].strip().lower())
+    """Reference scorer for the demo: 1.0 when the answer-tag text (:func:`answer_text`) is the gold option's
+    text (case-insensitive, surrounding space ignored), else 0.0. ``mcq_exact`` gives the same score on such
+    outputs (it also forgives near-miss spellings by fuzzy matching)."""
+    text = answer_text(response)
+    return float(text is not None and text.strip().lower() == sample.options[sample.answer].strip().lower())
 
 
 def demo_corpus() -> Iterable[str]:

@@ -32,7 +32,7 @@ from lingshu_rl.grpo.placement import ACTOR, REF, ROLLOUT, Roles, create_roles
 from lingshu_rl.rewards.pool import RewardPool, ScoreItem
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.telemetry import PhaseTimer, Progress, Telemetry
-from lingshu_rl.train.batch import collate
+from lingshu_rl.train.batch import collate, response_values
 
 ACCURACY_REWARDS = ("mcq_exact", "answer_norm")
 
@@ -108,6 +108,11 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
     if rows:
         batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
         batch = batch.with_(advantages=advantages.flatten()[rows])
+        if all(gens[i].logprobs is not None for i in rows):  # the rollout engine's own log-probs (vLLM)
+            batch = batch.with_(rollout_logprobs=response_values(
+                [len(gens[i].prompt_ids) for i in rows], [gens[i].logprobs for i in rows], batch.input_ids.shape[1]))
+        elif loss.tis_cap:
+            raise ValueError("rollout.tis_cap needs sampling log-probs, and this rollout engine returns none")
         if cfg.train.updates_per_step > 1:  # several updates: the ratio needs the pre-update log-probs
             with timer.phase("old"):
                 batch = batch.with_(old_logprobs=_get(roles.actor.logprobs.remote(batch, loss.temperature), ACTOR))
@@ -189,7 +194,7 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
             _get(roles.actor.load_training_state.remote(str(resume)), ACTOR)
         sampler = EpochSampler(prompts, cfg.seed, cfg.data.shuffle, position)
         loss = GRPOLoss(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef, cfg.grpo.kl_estimator,
-                        cfg.grpo.loss_agg, cfg.grpo.entropy_coef, cfg.rollout.temperature)
+                        cfg.grpo.loss_agg, cfg.grpo.entropy_coef, cfg.rollout.temperature, cfg.rollout.tis_cap)
         timer = PhaseTimer()
 
         def checkpoint(step: int) -> Path:

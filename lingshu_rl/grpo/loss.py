@@ -1,4 +1,10 @@
-"""The GRPO micro-batch loss: PPO-clip policy term + KL to the reference - entropy bonus."""
+"""The GRPO micro-batch loss: PPO-clip policy term + KL to the reference - entropy bonus.
+
+When the batch carries the rollout engine's sampling log-probs, the loss also reports their mismatch with
+the training engine's (``rollout/logprob_abs_diff``) and, with ``tis_cap > 0``, applies truncated importance
+sampling to the policy term: each token's loss is weighted by min(exp(train_logp_old - rollout_logp), tis_cap),
+a constant (no gradient), which corrects for the two engines computing slightly different distributions.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ class GRPOLoss:
     loss_agg: str = "token-mean"
     entropy_coef: float = 0.0
     temperature: float = 1.0
+    tis_cap: float = 0.0  # truncated importance-sampling cap; 0 disables the correction
 
     @property
     def needs_entropy(self) -> bool:
@@ -34,10 +41,17 @@ class GRPOLoss:
             return aggregate(x, mask, mode, num_tokens, num_seqs)
 
         pg_per_token, clipped = clipped_policy_loss(logprobs, old, batch.advantages, self.clip_low, self.clip_high)
+        metrics = {"actor/clipfrac": agg(clipped.float(), "token-mean"), "actor/logprob_mean": agg(old, "token-mean")}
+        if batch.rollout_logprobs is not None:  # [N, T] behaviour log-probs from the rollout engine
+            train_minus_rollout = old - batch.rollout_logprobs.to(old.device)
+            metrics["rollout/logprob_abs_diff"] = agg(train_minus_rollout.abs(), "token-mean")
+            if self.tis_cap > 0:
+                weight = train_minus_rollout.clamp(max=20.0).exp().clamp(max=self.tis_cap)
+                pg_per_token = pg_per_token * weight
+                metrics["rollout/tis_weight_mean"] = agg(weight, "token-mean")
         pg_loss = agg(pg_per_token)
         loss = pg_loss
-        metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": agg(clipped.float(), "token-mean"),
-                   "actor/logprob_mean": agg(old, "token-mean")}
+        metrics["actor/pg_loss"] = pg_loss.detach()
         if batch.ref_logprobs is not None:
             kl = kl_estimate(logprobs, batch.ref_logprobs, self.kl_estimator)
             kl_loss = agg(kl)

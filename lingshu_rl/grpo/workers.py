@@ -29,20 +29,45 @@ def make_train_engine(model_path: str, model_cfg: ModelConfig, train_cfg: TrainC
         from lingshu_rl.train.torch_engine import TorchEngine
 
         return TorchEngine(model_path, model_cfg, train_cfg, total_steps, trainable, lr)
+    if train_cfg.engine == "megatron":  # one rank in this process; more ranks: a MegatronGroup (placement.py)
+        if train_cfg.tensor_parallel_size != 1:
+            raise ValueError("a megatron engine with tensor_parallel_size > 1 runs as a Ray actor group "
+                             "(lingshu_rl.train.megatron.group.MegatronGroup), not inside one worker")
+        import socket
+
+        from lingshu_rl.train.megatron.engine import MegatronEngine
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return MegatronEngine(model_path, model_cfg, train_cfg, total_steps, trainable, lr, master_port=port,
+                              seed=torch.initial_seed())
     raise ValueError(f"unknown training engine {train_cfg.engine!r}")
 
 
 def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, device: str
                         ) -> RolloutEngine:
-    if rollout_cfg.engine == "transformers":
-        from transformers import AutoTokenizer
+    """The configured engine; ``auto`` resolves here, in the worker's process (vLLM when importable)."""
+    from transformers import AutoTokenizer
 
+    from lingshu_rl.rollout.vllm_engine import vllm_available
+
+    engine = rollout_cfg.engine
+    if engine == "auto":
+        engine = "vllm" if vllm_available() else "transformers"
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+    if engine == "transformers":
         from lingshu_rl.rollout.hf_engine import TransformersRollout
         from lingshu_rl.train.torch_engine import _DTYPES, pick_device
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         return TransformersRollout(model_path, tokenizer, _DTYPES[model_cfg.dtype], pick_device(device),
                                    model_cfg.trust_remote_code)
+    if engine == "vllm":  # vLLM picks its own device (its CPU or GPU build); ``device`` does not apply
+        from lingshu_rl.rollout.vllm_engine import VLLMRollout
+
+        return VLLMRollout(model_path, tokenizer, model_cfg.dtype, rollout_cfg.tensor_parallel_size,
+                           rollout_cfg.gpu_memory_utilization, rollout_cfg.enable_sleep_mode,
+                           trust_remote_code=model_cfg.trust_remote_code)
     raise ValueError(f"unknown rollout engine {rollout_cfg.engine!r}")
 
 

@@ -1,4 +1,4 @@
-"""Generation engines behind one protocol (transformers now; vLLM later)."""
+"""Generation engines behind one protocol: transformers `generate` and vLLM."""
 
 from lingshu_rl.rollout.protocol import Generation, RolloutEngine, SamplingParams
 

@@ -7,6 +7,7 @@ import os
 import secrets
 import string
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +134,10 @@ class WandbRun:
             return
         run, self.run = self.run, None
         try:
+            run_dir = Path(run.dir).parent
             run.finish()
             _flush_if_last_run()
+            _wait_for_transaction_log(run_dir)
         except Exception as exc:  # noqa: BLE001
             logger.warning("wandb finish failed (%s: %s)", type(exc).__name__, exc)
 
@@ -152,3 +155,20 @@ def _flush_if_last_run() -> None:
     most_recent = getattr(wandb_setup.singleton(), "most_recent_active_run", None)
     if most_recent is not None and most_recent() is None:
         wandb.teardown()
+
+
+def _wait_for_transaction_log(run_dir: Path, timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until wandb-core has written past the ``run-<id>.wandb`` header and stopped growing.
+
+    On a loaded machine the writer can lag behind ``finish``/``teardown``; a run directory handed back to the user
+    should hold its records.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_size = -1
+    while time.monotonic() < deadline:
+        sizes = [p.stat().st_size for p in run_dir.glob("run-*.wandb")]
+        size = sum(sizes)
+        if sizes and size > 64 and size == last_size:
+            return
+        last_size = size
+        time.sleep(0.25)

@@ -22,6 +22,9 @@ class TokenBatch:
     advantages: Tensor | None = None  # [N] GRPO advantage per sequence
     old_logprobs: Tensor | None = None  # [N, T] policy log-probs before the update (None: on-policy, use current)
     ref_logprobs: Tensor | None = None  # [N, T] reference-policy log-probs for the KL term
+    rollout_logprobs: Tensor | None = None  # [N, T] the rollout engine's sampling log-probs (mismatch metric, TIS)
+    segment_ids: Tensor | None = None  # [N, T] packed rows: 1, 2, ... per packed sample, 0 on padding
+    position_ids: Tensor | None = None  # [N, T] packed rows: positions restart at 0 for every packed sample
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -42,14 +45,58 @@ class TokenBatch:
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
     """Concatenate prompt and response token ids per sequence and right-pad them into a batch."""
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    n = len(prompts)
+    return collate_masked([([*p, *r], [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)], pad_id)
+
+
+def collate_masked(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TokenBatch:
+    """Right-pad ``(token ids, loss mask)`` pairs into a batch."""
+    length = max(len(ids) for ids, _ in sequences)
+    n = len(sequences)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
     response_mask = torch.zeros((n, length), dtype=torch.float32)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        total = len(prompt) + len(response)
-        input_ids[i, :total] = torch.tensor([*prompt, *response], dtype=torch.long)
-        attention_mask[i, :total] = 1
-        response_mask[i, len(prompt):total] = 1.0
+    for i, (ids, mask) in enumerate(sequences):
+        input_ids[i, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, :len(ids)] = 1
+        response_mask[i, :len(ids)] = torch.tensor(list(mask), dtype=torch.float32)
     return TokenBatch(input_ids, attention_mask, response_mask)
+
+
+def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int) -> TokenBatch:
+    """Pack ``(ids, mask)`` sequences into rows of at most ``max_length`` tokens (first fit, in order).
+
+    Each packed sample gets its own segment id and positions restarting at 0; the engine turns segments into
+    a block-diagonal causal attention mask, so packed samples never see each other.
+    """
+    rows: list[list[tuple[Sequence[int], Sequence[int]]]] = []
+    room: list[int] = []
+    for ids, mask in sequences:
+        if len(ids) > max_length:
+            raise ValueError(f"a sequence of {len(ids)} tokens does not fit max_length {max_length}")
+        slot = next((r for r, free in enumerate(room) if free >= len(ids)), None)
+        if slot is None:
+            rows.append([])
+            room.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append((ids, mask))
+        room[slot] -= len(ids)
+    flat = [([t for ids, _ in row for t in ids], [m for _, mask in row for m in mask]) for row in rows]
+    batch = collate_masked(flat, pad_id)
+    segments = torch.zeros_like(batch.input_ids)
+    positions = torch.zeros_like(batch.input_ids)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, (ids, _) in enumerate(row, start=1):
+            segments[r, start:start + len(ids)] = k
+            positions[r, start:start + len(ids)] = torch.arange(len(ids))
+            start += len(ids)
+    return batch.with_(segment_ids=segments, position_ids=positions)
+
+
+def response_values(prompt_lengths: Sequence[int], values: Sequence[Sequence[float]], length: int) -> Tensor:
+    """Per-response-token values (e.g. sampling log-probs) at their tokens' positions in a :func:`collate` batch:
+    row i holds ``values[i]`` from position ``prompt_lengths[i]`` on, zeros elsewhere. ``[N, length]``."""
+    out = torch.zeros((len(values), length), dtype=torch.float32)
+    for i, (start, row) in enumerate(zip(prompt_lengths, values)):
+        out[i, start:start + len(row)] = torch.tensor(list(row), dtype=torch.float32)
+    return out

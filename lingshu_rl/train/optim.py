@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -19,9 +20,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, total_steps: int, lr: float | None = None
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float) -> list[dict]:
+    """One optimiser group per learning rate: the first ``cfg.lr_groups`` glob a name matches, else ``lr``."""
+    unused = [g for g in cfg.lr_groups if not any(fnmatch.fnmatchcase(n, g) for n, _ in named)]
+    if unused:
+        raise ValueError(f"train.lr_groups patterns match no trainable parameter: {unused} "
+                         f"(names look like {named[0][0]!r})")
+    by_lr: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        group_lr = next((v for g, v in cfg.lr_groups.items() if fnmatch.fnmatchcase(name, g)), lr)
+        by_lr.setdefault(group_lr, []).append(param)
+    return [{"params": params, "lr": group_lr} for group_lr, params in by_lr.items()]
+
+
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, total_steps: int,
+                   lr: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters ``named`` (per-glob learning rates) and its schedule."""
+    optimizer = torch.optim.AdamW(param_groups(named, cfg, lr or cfg.lr), betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio))
     return optimizer, scheduler

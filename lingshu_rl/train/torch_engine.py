@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze parameters whose names match any glob in ``patterns``; return the trainable (name, param) pairs."""
+    named = list(model.named_parameters())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in named)]
+    if unmatched:
+        raise ValueError(f"freeze patterns match no parameter: {unmatched} (names look like {named[0][0]!r}, "
+                         f"{named[-1][0]!r})")
+    for name, param in named:
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            param.requires_grad_(False)
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"freeze patterns {patterns} leave nothing to train")
+    return trainable
+
+
+def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N, 1, T, T]`` additive mask: a token attends to earlier tokens of its own packed sample only."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)
+    allowed = (same & causal)[:, None]
+    # padding rows attend to themselves so no softmax row is empty (their outputs are masked out anyway)
+    allowed = allowed | torch.eye(length, dtype=torch.bool)[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class TorchEngine:
     """A causal LM with AdamW. ``trainable=False`` gives a frozen model (the reference policy)."""
 
@@ -41,15 +69,20 @@ class TorchEngine:
         self.trainable = trainable
         if trainable:
             self.model.train()
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer, self.scheduler = make_optimizer(self.params, train_cfg, total_steps, lr)
+            named = freeze(self.model, train_cfg.freeze)
+            self.params = [p for _, p in named]
+            self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
         else:
             self.model.eval()
             self.model.requires_grad_(False)
 
     def _logits(self, batch: TokenBatch) -> Tensor:
-        mask = batch.attention_mask.to(self.device)
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        if batch.segment_ids is not None:  # packed rows: block-diagonal causal mask, positions restart per sample
+            mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
+            positions = batch.position_ids.to(self.device)
+        else:
+            mask = batch.attention_mask.to(self.device)
+            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, position_ids=positions).logits
 
     @torch.no_grad()

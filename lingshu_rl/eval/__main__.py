@@ -1,0 +1,5 @@
+import sys
+
+from lingshu_rl.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""Staged SFT: each stage trains on its data mix with its own frozen modules and learning rates, starting from
+the previous stage's model, on the same training engine GRPO uses.
+
+A stage writes ``OUTPUT_DIR/sft/<name>/``: ``model/`` (Hugging Face, safetensors), ``metrics.jsonl``,
+``checkpoints/`` (every ``checkpoint_every`` steps) and ``done.json`` when finished. A finished stage is never
+rerun; an interrupted one resumes at its newest checkpoint (``--resume auto``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ray
+from transformers import AutoTokenizer
+
+from lingshu_rl.config import RunConfig, SFTStageConfig
+from lingshu_rl.data.chat import encode_conversation
+from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from lingshu_rl.grpo.placement import start_policy_worker
+from lingshu_rl.sft.data import plan_steps, read_source
+from lingshu_rl.telemetry import Progress
+from lingshu_rl.telemetry.jsonl import JsonlWriter
+from lingshu_rl.train.batch import TokenBatch, collate_masked, pack
+from lingshu_rl.train.losses import SFTLoss
+from lingshu_rl.train.megatron.group import terminate_policy
+
+
+def stage_dir(output_dir: Path, stage: SFTStageConfig) -> Path:
+    return Path(output_dir) / "sft" / stage.name
+
+
+def stage_output(output_dir: Path, stage: SFTStageConfig) -> Path | None:
+    """The finished stage's model directory, or None if the stage has not finished."""
+    folder = stage_dir(output_dir, stage)
+    return folder / "model" if (folder / "done.json").is_file() else None
+
+
+def run_sft(cfg: RunConfig, base_model: str, output_dir: Path, resume: bool) -> str:
+    """Run every configured stage in order; return the last stage's model directory."""
+    model = base_model
+    for stage in cfg.sft.stages:
+        model = run_stage(cfg, stage, model, output_dir, resume)
+    return model
+
+
+def _batch(rows: list[tuple[list[int], list[int]]], stage: SFTStageConfig, pad_id: int) -> TokenBatch:
+    return pack(rows, stage.max_length, pad_id) if stage.packing else collate_masked(rows, pad_id)
+
+
+def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_dir: Path, resume: bool) -> str:
+    folder = stage_dir(output_dir, stage)
+    if (done := stage_output(output_dir, stage)) is not None:
+        print(f"[lingshu] sft stage {stage.name!r} already finished: {done}", flush=True)
+        return str(done)
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None and not resume:
+        raise FileExistsError(f"sft stage {stage.name!r} has checkpoints in {folder}: pass --resume auto to continue "
+                              "it, or use a new --output-dir")
+    tokenizer = AutoTokenizer.from_pretrained(input_model, trust_remote_code=cfg.model.trust_remote_code)
+    if stage.chat_template:
+        tokenizer.chat_template = Path(stage.chat_template).read_text()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sources = [read_source(source, cfg.seed) for source in stage.data]
+    plan = plan_steps(stage, sources, cfg.seed)
+    encoded: dict[int, tuple[list[int], list[int]]] = {}  # by object identity: ids may repeat across sources
+
+    def rows(samples: list) -> list[tuple[list[int], list[int]]]:
+        for s in samples:
+            if id(s) not in encoded:
+                encoded[id(s)] = encode_conversation(tokenizer, s, stage.max_length)
+        return [encoded[id(s)] for s in samples]
+
+    train_cfg = dataclasses.replace(cfg.train, lr=stage.lr, lr_groups=stage.lr_groups, freeze=stage.freeze,
+                                    schedule=stage.schedule, warmup_steps=stage.warmup_steps,
+                                    weight_decay=stage.weight_decay, updates_per_step=1)
+    start, model_path = 0, input_model
+    if checkpoint is not None:
+        start = load_checkpoint_state(checkpoint)["step"]
+        model_path = str(checkpoint / "model")
+        print(f"[lingshu] resuming sft stage {stage.name!r} at step {start} from {checkpoint}", flush=True)
+    threads = cfg.cluster.num_cpus or os.cpu_count() or 1
+    worker = start_policy_worker(cfg, model_path, train_cfg, len(plan), True, f"lingshu/sft-{stage.name}", threads)
+    log = JsonlWriter(folder / "metrics.jsonl", keep_through_step=start)
+    metrics: dict[str, float] = {}
+    try:
+        if checkpoint is not None:
+            ray.get(worker.load_training_state.remote(str(checkpoint)))
+        with Progress(total=len(plan) - start, desc=f"sft:{stage.name}") as bar:
+            for step in range(start + 1, len(plan) + 1):
+                metrics = ray.get(worker.update.remote(_batch(rows(plan[step - 1]), stage, pad_id), SFTLoss()))
+                log.write({"step": step, **metrics})
+                bar.update(1, postfix=f"loss {metrics['sft/loss']:.3f}")
+                if step % stage.checkpoint_every == 0 and step < len(plan):
+                    save_checkpoint(folder, step, lambda d: ray.get(worker.save.remote(str(d))), {}, keep=1)
+        tmp = folder / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.get(worker.save.remote(str(tmp)))
+        tokenizer.save_pretrained(tmp / "model")  # carries a stage's chat template forward
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        os.replace(tmp / "model", folder / "model")
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        log.close()
+        terminate_policy(worker)  # a PolicyWorker, or a megatron group's ranks
+    (folder / "done.json").write_text(json.dumps({"steps": len(plan), "final_loss": metrics.get("sft/loss")}))
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    print(f"[lingshu] sft stage {stage.name!r}: {len(plan)} steps, final loss {metrics.get('sft/loss')} -> "
+          f"{folder / 'model'}", flush=True)
+    return str(folder / "model")

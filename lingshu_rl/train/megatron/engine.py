@@ -1,0 +1,331 @@
+"""One tensor-parallel rank of the megatron-core training engine (the ``TrainEngine`` protocol, SPMD).
+
+Every rank of the group gets the same calls with the same batch; the ranks hold 1/t of the attention heads,
+FFN columns and vocabulary rows, and megatron's parallel layers exchange activations (NCCL on GPUs, gloo on CPU).
+
+  log-probs   vocabulary-parallel: logits stay split ``[N, T, Vp/t]``; the target token's log-prob comes from
+              ``tensor_parallel.vocab_parallel_cross_entropy`` (max and sum-exp all-reduced, no full-vocabulary
+              gather); the entropy bonus is computed the same way. Padded vocabulary rows are masked out.
+  loss        the same micro-batch contract as the transformers engine: every rank evaluates the identical loss
+              and back-propagates it; megatron's layers route each gradient to its shard.
+  optimiser   torch AdamW on this rank's shards (``train/optim.py``, so schedules and per-glob learning rates are
+              the transformers engine's); the gradient norm for clipping is all-reduced over the group, counting
+              replicated parameters (norm weights) once. Megatron's DistributedOptimizer shards state over
+              data-parallel ranks, and this engine has none (and it needs CUDA buffers).
+  checkpoint  ``dir/model``: full Hugging Face weights (written by rank 0); ``dir/megatron/optimizer_tp{r}.pt``:
+              rank r's optimiser and scheduler state, restored by :meth:`load_training_state` on the same t.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.megatron import cpu_compat
+from lingshu_rl.train.megatron.convert import GPTSpec, hf_names_of, hf_to_megatron, merge_to_hf, partition_dim
+from lingshu_rl.train.megatron.model import attention_mask, build_model, load_shards, mrope_positions
+from lingshu_rl.train.optim import make_optimizer
+from lingshu_rl.train.protocol import Loss
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MASKED_LOGIT = -1e30  # padded vocabulary rows: exp() underflows to 0, and 0 * it stays finite (entropy)
+PG_TIMEOUT = timedelta(minutes=10)  # a collective stuck this long (a rank died or diverged) raises
+
+
+class HFCheckpoint(Mapping[str, Tensor]):
+    """A Hugging Face model directory's safetensors, read one tensor at a time (no full copy per rank)."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["model.safetensors"]
+        self._handles = [safe_open(str(directory / f), framework="pt") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, tp_size: int,
+                     device: torch.device) -> None:
+    """The default process group (unless the caller made one) and megatron's TP=t, PP=1 groups."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                             world_size=world_size, timeout=PG_TIMEOUT,
+                                             init_method=f"tcp://{master_addr}:{master_port}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=1,
+                                                 distributed_timeout_minutes=int(PG_TIMEOUT.total_seconds() // 60))
+
+
+def vocab_parallel_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax over the whole vocabulary from this rank's slice ``[..., V/t]`` -> ``[...]``.
+
+    H = log Z - sum(p * l) with Z, sum(exp(l) * l) summed over ranks (forward all-reduce, identity backward)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    top = logits.detach().max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    shifted = logits - top
+    exp = shifted.exp()
+    z = reduce_from_tensor_model_parallel_region(exp.sum(dim=-1))
+    weighted = reduce_from_tensor_model_parallel_region((exp * shifted).sum(dim=-1))
+    return z.log() - weighted / z
+
+
+class MegatronEngine:
+    """This process's rank of a tensor-parallel GPTModel. ``trainable=False`` gives a frozen reference policy."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int = 1,
+                 trainable: bool = True, lr: float | None = None, *, rank: int = 0, master_addr: str = "127.0.0.1",
+                 master_port: int = 29500, seed: int = 0):
+        from megatron.core import parallel_state, tensor_parallel
+        from transformers import AutoConfig, AutoTokenizer
+
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        self.cfg = train_cfg
+        tp = train_cfg.tensor_parallel_size
+        self.device = _pick_device(train_cfg.device)
+        if self.device.type == "cpu":
+            cpu_compat.apply()
+        else:
+            torch.cuda.set_device(self.device)
+        init_distributed(rank, tp, master_addr, master_port, tp, self.device)
+        self.group = parallel_state.get_tensor_model_parallel_group()
+        self.rank = parallel_state.get_tensor_model_parallel_rank()
+        if self.device.type == "cpu":
+            cpu_compat.seed_rng_tracker(seed, self.rank)
+        else:
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+        self.model_path = model_path
+        self.hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        self.spec = GPTSpec.from_hf(self.hf_config, tp)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code) \
+            if self.rank == 0 else None
+        self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device)
+        load_shards(self.model, hf_to_megatron(HFCheckpoint(model_path), self.spec, self.rank))
+        start, end = self.spec.vocab_range(self.rank)
+        padded = torch.arange(start, end, device=self.device) >= self.spec.vocab_size  # [Vp/t]
+        self.padded_rows = padded if bool(padded.any()) else None
+
+        self.trainable = trainable
+        if trainable:
+            self.model.train()
+            named = self._trainable(train_cfg.freeze)
+            self.params = [p for _, p in named]
+            self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
+        else:
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    # --- forward --------------------------------------------------------------------------------------------
+
+    def _logits(self, batch: TokenBatch) -> Tensor:
+        """Vocabulary-parallel logits ``[N, T, Vp/t]``; positions and mask as the transformers engine uses them."""
+        input_ids = batch.input_ids.to(self.device)
+        segments = batch.segment_ids
+        if segments is not None:  # packed rows: positions restart per sample, block-diagonal causal mask
+            positions, segments = batch.position_ids.to(self.device), segments.to(self.device)
+        else:
+            positions = (batch.attention_mask.to(self.device).cumsum(dim=-1) - 1).clamp(min=0)
+        return self.model(input_ids, mrope_positions(positions), attention_mask(input_ids, segments))
+
+    def _token_stats(self, logits: Tensor, input_ids: Tensor, temperature: float, with_entropy: bool
+                     ) -> tuple[Tensor, Tensor | None]:
+        """Log-prob of each token under the previous position's logits ``[N, T]`` (position 0 -> 0), as
+        ``grpo.algorithm.token_logprobs``, and optionally the entropy aligned the same way."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = logits.float() / temperature
+        if self.padded_rows is not None:
+            logits = logits.masked_fill(self.padded_rows, _MASKED_LOGIT)
+        entropy = None
+        if with_entropy:  # before the cross entropy, which works in place on its input
+            entropy = F.pad(vocab_parallel_entropy(logits)[:, :-1], (1, 0))
+        targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # last: unused
+        logprobs = -vocab_parallel_cross_entropy(logits, targets)
+        return F.pad(logprobs[:, :-1], (1, 0)), entropy
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        start = 0
+        for micro in batch.chunks(self.cfg.micro_batch_size):
+            lp, _ = self._token_stats(self._logits(micro), micro.input_ids.to(self.device), temperature, False)
+            out[start:start + len(micro), :lp.shape[1]] = lp.cpu()
+            start += len(micro)
+        return out * batch.response_mask
+
+    # --- update ---------------------------------------------------------------------------------------------
+
+    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        """``cfg.updates_per_step`` optimiser steps over mini-batches of ``batch``; a non-finite loss or gradient
+        norm skips that step on every rank alike (the loss and the all-reduced norm are the same everywhere)."""
+        assert self.trainable, "this engine is frozen"
+        mini_size = math.ceil(len(batch) / self.cfg.updates_per_step)
+        per_update = [self._update_once(mini, loss) for mini in batch.chunks(mini_size)]
+        metrics = {key: sum(m[key] for m in per_update) / len(per_update) for key in per_update[0]}
+        metrics["actor/nan_skipped"] = float(sum(m["actor/nan_skipped"] for m in per_update))
+        return metrics
+
+    def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
+        num_tokens = float(batch.response_mask.sum().clamp(min=1))
+        num_seqs = float(len(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        finite = True
+        for micro in batch.chunks(self.cfg.micro_batch_size):
+            micro = micro.with_(**{f.name: getattr(micro, f.name).to(self.device) for f in fields(micro)
+                                   if isinstance(getattr(micro, f.name), Tensor)})
+            logprobs, entropy = self._token_stats(self._logits(micro), micro.input_ids, loss.temperature,
+                                                  loss.needs_entropy)
+            value, metrics = loss(logprobs * micro.response_mask, entropy, micro, num_tokens, num_seqs)
+            if not torch.isfinite(value):
+                finite = False
+                break
+            value.backward()
+            for key, metric in metrics.items():
+                sums[key] += float(metric)
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = self._clip_grad_norm(self.cfg.max_grad_norm or float("inf"))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0],
+                "actor/nan_skipped": 0.0 if finite else 1.0}
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: squared norms of the shards summed over the
+        group, replicated parameters counted on rank 0 only."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self.params:
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                squares += p.grad.float().square().sum()
+        torch.distributed.all_reduce(squares, group=self.group)
+        total = squares.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return float(total)
+
+    def _trainable(self, patterns: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
+        """Freeze by Hugging Face name globs (as the transformers engine). A fused megatron parameter (QKV,
+        gate+up) freezes only if the globs cover all its HF tensors. Returns (an HF name, param) pairs, which
+        is what the per-glob learning rates in ``train/optim.py`` match against."""
+        named = [(name, hf_names_of(name), p) for name, p in self.model.named_parameters()]
+        all_hf = [h for _, hs, _ in named for h in hs]
+        unmatched = [g for g in patterns if not any(fnmatch.fnmatchcase(h, g) for h in all_hf)]
+        if unmatched:
+            raise ValueError(f"freeze patterns match no parameter: {unmatched} (names look like {all_hf[0]!r})")
+        for name, hf_names, param in named:
+            hits = [any(fnmatch.fnmatchcase(h, g) for g in patterns) for h in hf_names]
+            if any(hits) and not all(hits):
+                raise ValueError(f"freeze patterns {patterns} cover only part of {hf_names}, which the megatron "
+                                 f"engine holds as one tensor ({name}); freeze all of them or none")
+            if all(hits):
+                param.requires_grad_(False)
+        for g in self.cfg.lr_groups:
+            for name, hf_names, _ in named:
+                hits = [fnmatch.fnmatchcase(h, g) for h in hf_names]
+                if any(hits) and not all(hits):
+                    raise ValueError(f"train.lr_groups glob {g!r} covers only part of {hf_names} ({name})")
+        trainable = [(hf_names[0], p) for _, hf_names, p in named if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"freeze patterns {patterns} leave nothing to train")
+        return trainable
+
+    # --- weights and checkpoints ----------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, Tensor]:
+        """Full HF-named weights on rank 0 (CPU); ``{}`` on the other ranks. Every rank must call it."""
+        out: dict[str, Tensor] = {}
+        for name, param in self.model.named_parameters():
+            data = param.detach()
+            if partition_dim(name) is not None and self.spec.tp_size > 1:
+                shards = [torch.empty_like(data) for _ in range(self.spec.tp_size)]
+                torch.distributed.all_gather(shards, data.contiguous(), group=self.group)
+            else:
+                shards = [data.clone()]  # a snapshot, not the live parameter
+            if self.rank == 0:
+                out.update(merge_to_hf(name, [s.cpu() for s in shards], self.spec))
+        return out
+
+    def save(self, directory: Path) -> None:
+        """``directory/model`` (HF safetensors, config, tokenizer; rank 0) and each rank's optimiser state."""
+        from huggingface_hub import save_torch_state_dict
+        from transformers import GenerationConfig
+
+        directory = Path(directory)
+        weights = self.weights()
+        if self.rank == 0:
+            model_dir = directory / "model"
+            model_dir.mkdir(parents=True, exist_ok=True)
+            if self.spec.tied_embeddings:
+                weights.pop("lm_head.weight")
+            save_torch_state_dict({k: v.contiguous() for k, v in weights.items()}, model_dir)
+            self.hf_config.save_pretrained(model_dir)
+            self.tokenizer.save_pretrained(model_dir)
+            try:
+                GenerationConfig.from_pretrained(self.model_path).save_pretrained(model_dir)
+            except OSError:  # the checkpoint has no generation_config.json
+                pass
+        if self.trainable:
+            path = directory / "megatron" / f"optimizer_tp{self.rank}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"tp_size": self.spec.tp_size, "rank": self.rank, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, path)
+        torch.distributed.barrier(group=self.group)  # the checkpoint is complete when any rank returns
+
+    def load_training_state(self, directory: Path) -> None:
+        path = Path(directory) / "megatron" / f"optimizer_tp{self.rank}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no megatron optimiser state (was the checkpoint written by the "
+                                    f"megatron engine with tensor_parallel_size={self.spec.tp_size}?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["tp_size"] != self.spec.tp_size:
+            raise ValueError(f"{path} was written with tensor_parallel_size={state['tp_size']}, "
+                             f"this run uses {self.spec.tp_size}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # Ray gives each rank actor one GPU (visible as device 0); torchrun sets LOCAL_RANK
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device(name)

@@ -1,0 +1,80 @@
+"""A megatron-core ``GPTModel`` (local layer spec) shaped like a Hugging Face Qwen2/Llama checkpoint.
+
+Positions: the model is built with megatron's multimodal RoPE (``mrope``) fed three identical rows of position
+ids. That is exactly standard RoPE, but with per-token positions (megatron's plain ``rope`` always uses 0..T-1),
+so packed rows whose positions restart per sample work, and the layout is the one Qwen2.5-VL (Lingshu) needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lingshu_rl.train.megatron.convert import GPTSpec, partition_dim
+
+
+def transformer_config(spec: GPTSpec, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    half = spec.head_dim // 2
+    return TransformerConfig(
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads, kv_channels=spec.head_dim, ffn_hidden_size=spec.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True, activation_func=F.silu,  # SwiGLU
+        add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0, attention_dropout=spec.attention_dropout,
+        mrope_section=[half, 0, 0],  # all frequencies from the first (of three identical) position rows
+        tensor_model_parallel_size=spec.tp_size, pipeline_model_parallel_size=1,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, perform_initialization=False,  # weights come from the checkpoint
+        attention_softmax_in_fp32=True)
+
+
+def build_model(spec: GPTSpec, dtype: torch.dtype, device: torch.device):
+    """The model for this rank (parallel_state must be initialised); parameters uninitialised, on ``device``."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    model = GPTModel(transformer_config(spec, dtype), get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_positions,
+                     parallel_output=True, share_embeddings_and_output_weights=spec.tied_embeddings,
+                     position_embedding_type="mrope", rotary_base=spec.rope_theta)
+    return model.to(device)
+
+
+def load_shards(model: torch.nn.Module, shards: dict[str, Tensor]) -> None:
+    """Copy this rank's converted parameters into ``model``; names and shapes must match exactly.
+
+    Also marks the split parameters ``tensor_model_parallel`` (megatron sets that only when it initialises
+    weights itself), which megatron's utilities (e.g. ``param_is_not_tensor_parallel_duplicate``) rely on."""
+    params = dict(model.named_parameters())
+    if set(params) != set(shards):
+        raise KeyError(f"converter/model mismatch: missing {sorted(set(params) - set(shards))[:5]}, "
+                       f"unexpected {sorted(set(shards) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != shards[name].shape:
+                raise ValueError(f"{name}: model shape {tuple(param.shape)} != converted {tuple(shards[name].shape)}")
+            param.copy_(shards[name])
+            dim = partition_dim(name)
+            param.tensor_model_parallel = dim is not None
+            param.partition_dim, param.partition_stride = (dim if dim is not None else -1), 1
+
+
+def attention_mask(input_ids: Tensor, segment_ids: Tensor | None) -> Tensor:
+    """Megatron's boolean mask (True = may not attend): ``[1, 1, T, T]`` causal, or ``[N, 1, T, T]`` for packed
+    rows (causal within a packed sample; padding attends to itself so no softmax row is empty)."""
+    length = input_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    if segment_ids is None:
+        return ~causal[None, None]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)
+    allowed = (same & causal) | torch.eye(length, dtype=torch.bool, device=input_ids.device)
+    return ~allowed[:, None]
+
+
+def mrope_positions(position_ids: Tensor) -> Tensor:
+    """``[N, T]`` positions -> the ``[3, N, T]`` rows megatron's mrope expects (identical: plain RoPE)."""
+    return position_ids[None].expand(3, -1, -1)
