@@ -85,6 +85,7 @@ class GRPOConfig:
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     entropy_coef: float = 0.0
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
+    mask_truncated: bool = False  # leave responses cut at max_new_tokens out of the loss (DAPO overlong filter)
     max_nan_steps: int = 3  # consecutive skipped (non-finite loss) updates before the run stops
 
 

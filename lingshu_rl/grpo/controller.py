@@ -108,6 +108,10 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
     if rows:
         batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
         batch = batch.with_(advantages=advantages.flatten()[rows])
+        if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
+            truncated = torch.tensor([gens[i].finish_reason == "length" for i in rows])
+            batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))
+            metrics["grpo/masked_truncated"] = float(truncated.sum())
         if all(gens[i].logprobs is not None for i in rows):  # the rollout engine's own log-probs (vLLM)
             batch = batch.with_(rollout_logprobs=response_values(
                 [len(gens[i].prompt_ids) for i in rows], [gens[i].logprobs for i in rows], batch.input_ids.shape[1]))
