@@ -196,12 +196,13 @@ def test_cache_dir_default_from_env(tmp_path, monkeypatch):
     assert tiny_model_dir().parent.name == "lingshu_rl"
 
 
-def test_init_is_deterministic_from_seed(tmp_path):
+def test_init_is_deterministic_from_seed(model_dir, tmp_path):
     from safetensors.torch import load_file
 
     from lingshu_rl.models.tiny import build_tiny_model
 
-    a = load_file(build_tiny_model(tmp_path / "a", seed=3) / "model.safetensors")
-    b = load_file(build_tiny_model(tmp_path / "b", seed=3) / "model.safetensors")
+    again = build_tiny_model(tmp_path, seed=0)
+    assert again.name == model_dir.name
+    a, b = load_file(model_dir / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert (tmp_path / "a").iterdir().__next__().name == (tmp_path / "b").iterdir().__next__().name
+    assert (model_dir / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
