@@ -123,15 +123,33 @@ def test_resume_after_sigkill_reproduces_metrics(workdir: Path, reward: str,
 def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
     killer = workdir / "killer.py"
     killer.write_text(textwrap.dedent("""
-        import os, signal, subprocess
+        import os, signal
         from pathlib import Path
+
+        def descends_from(pid, ancestor):
+            while pid > 1:
+                if pid == ancestor:
+                    return True
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                pid = int(stat.rsplit(")", 1)[1].split()[1])
+            return False
+
+        def kill_own_rollout_workers():
+            # only this run's actors (the driver started this Ray cluster), not other runs on the machine
+            driver = os.getppid()  # the scoring pool's worker is a child of the launcher
+            for proc in Path("/proc").iterdir():
+                try:
+                    if b"ray::RolloutWorker" in (proc / "cmdline").read_bytes() and descends_from(int(proc.name), driver):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                except (OSError, ValueError):
+                    continue
 
         def kill_rollout_at_step_3(response, answer, **_):
             marker = Path(__file__).with_suffix(".calls")
             calls = int(marker.read_text()) if marker.exists() else 0
             marker.write_text(str(calls + 1))
             if calls == 32:  # first sample of step 3 (16 per step)
-                subprocess.run(["pkill", "-9", "-f", "ray::RolloutWorker"])
+                kill_own_rollout_workers()
             return 0.0
     """))
     proc = launch(workdir / "dead", "--set", "checkpoint.every=1", "--set", "reward.workers=1",

@@ -4,12 +4,17 @@
 ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` with a
 Qwen-style chat template) that ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
 load with no network and no ``trust_remote_code``. The tokenizer is a byte-level BPE trained on the demo's
-text (:func:`lingshu_rl.data.demo.demo_corpus`); the weights are a random init, deterministic from ``seed``
-(the demo's warm-up SFT is done by the training engine).
+text (:func:`lingshu_rl.data.demo.demo_corpus`) with spaces split off as their own token, so that a drug
+name is the same token in an option line ("A. metformin") and in the answer ("<answer>metformin</answer>"):
+the model can then learn to copy one of the offered options, which makes the demo learnable in minutes
+(with GPT-2-style space-prefixed words the warm-up took about twice as many steps and GRPO barely moved the
+reward). The weights are a random init, deterministic from ``seed`` (the demo's warm-up SFT is done by the
+training engine).
 
 The directory is ``<cache>/tiny-qwen2-<hash>`` where ``<cache>`` is ``cache_dir``, else ``$LINGSHU_CACHE``,
-else ``~/.cache/lingshu_rl``; the hash covers the demo data version, the model/tokenizer settings and the
-seed, so changing any of them builds a new directory. It is built in a temporary directory next to it
+else ``~/.cache/lingshu_rl``; the hash covers the demo text itself, the model/tokenizer settings, the
+``tokenizers`` version (its BPE trainer's output has changed between releases) and the seed, so changing any
+of them builds a new directory instead of silently reusing a stale one. It is built in a temporary directory next to it
 and renamed into place, so concurrent builders and interrupted builds never leave a half-written model.
 """
 
@@ -25,7 +30,7 @@ from typing import Any
 
 from lingshu_rl.data.demo import DEMO_VERSION, demo_corpus
 
-TINY_VERSION = 1  # bump when this builder's output changes
+TINY_VERSION = 2  # bump when this builder's output changes
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -61,8 +66,12 @@ MODEL_SETTINGS: dict[str, Any] = {
 
 def tiny_model_hash(seed: int = 0) -> str:
     """The short hash naming the model directory for ``seed`` and the current settings."""
-    key = json.dumps({"demo": DEMO_VERSION, "tiny": TINY_VERSION, "tok": TOKENIZER_SETTINGS,
-                      "model": MODEL_SETTINGS, "template": CHAT_TEMPLATE, "seed": seed}, sort_keys=True)
+    import tokenizers
+
+    corpus = hashlib.sha256("\n".join(demo_corpus()).encode()).hexdigest()
+    key = json.dumps({"demo": DEMO_VERSION, "corpus": corpus, "tiny": TINY_VERSION, "tok": TOKENIZER_SETTINGS,
+                      "tokenizers": tokenizers.__version__, "model": MODEL_SETTINGS, "template": CHAT_TEMPLATE,
+                      "seed": seed}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -84,7 +93,10 @@ def train_tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # a space is its own token, so words look the same after a space and after a tag (module docstring)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
