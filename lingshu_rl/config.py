@@ -33,7 +33,8 @@ class ModelConfig:
 class DataConfig:
     train: str = "demo"  # "demo" (generated medical MCQ set) or a JSONL/Parquet file in the sample format
     heldout: str = "demo"  # evaluation split: "demo" or a file
-    max_prompt_tokens: int = 512  # longer prompts are rejected with the sample id
+    max_prompt_tokens: int = 512  # longer prompts (image tokens included) are rejected with the sample id
+    skip_missing_images: bool = False  # leave out (and count) samples whose image files are missing, not stop
     shuffle: bool = True
 
 
@@ -94,6 +95,7 @@ class SFTSourceConfig:
     path: str = "demo"  # "demo" or a JSONL/Parquet file whose samples end with an assistant turn (or have `target`)
     epochs: float = 1.0  # passes over this source per stage; a fraction takes a seeded subset
     weight: float | None = None  # instead: draw batches from sources in proportion to weight (needs stage steps)
+    skip_missing_images: bool = False  # leave out (and count) samples whose image files are missing, not stop
 
 
 @dataclass

@@ -18,10 +18,26 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def chat_messages(sample: Sample) -> list[dict[str, Any]]:
+    """``sample.messages`` as the chat template takes them: with images, one ``{"type": "image"}`` item per image
+    at the start of the first user turn (the Qwen2-VL / Qwen2.5-VL layout), the text after them."""
+    if not sample.images:
+        return sample.messages
+    messages = [dict(m) for m in sample.messages]
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+        raise ValueError(f"sample {sample.id!r} has images but no user message to put them in")
+    content = first_user["content"]
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    first_user["content"] = [{"type": "image"} for _ in sample.images] + text
+    return messages
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample, max_tokens: int | None = None) -> list[int]:
     """The prompt turns of ``sample`` with the assistant generation prompt appended."""
-    messages = [m for m in sample.messages if m["role"] != "assistant"] if sample.messages[-1]["role"] == "assistant" \
-        else sample.messages
+    messages = chat_messages(sample)
+    if messages[-1]["role"] == "assistant":
+        messages = [m for m in messages if m["role"] != "assistant"]
     ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptTooLong(f"sample {sample.id!r}: prompt has {len(ids)} tokens, more than the limit {max_tokens} "
@@ -47,13 +63,14 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, sample: Sample, max_
     if not any(m["role"] == "assistant" for m in sample.messages):
         raise ValueError(f"sample {sample.id!r} has no assistant message to learn")
     end = _end_of_turn(tokenizer)
+    messages = chat_messages(sample)
     ids: list[int] = []
     mask: list[int] = []
-    for i, message in enumerate(sample.messages):
+    for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _ids(tokenizer.apply_chat_template(sample.messages[:i], add_generation_prompt=True, tokenize=True))
-        through = _ids(tokenizer.apply_chat_template(sample.messages[:i + 1], tokenize=True))
+        before = _ids(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True))
+        through = _ids(tokenizer.apply_chat_template(messages[:i + 1], tokenize=True))
         if before[:len(ids)] != ids or through[:len(before)] != before:
             raise ValueError(f"sample {sample.id!r}: the chat template does not render turn {i} as an extension "
                              "of the conversation before it")

@@ -22,7 +22,7 @@ class Sample:
     answer: str
     options: dict[str, str] | None = None  # letter -> option text, for multiple choice
     task: str = "mcq"  # one of TASK_KINDS
-    images: list[str] = field(default_factory=list)  # paths (multimodal samples)
+    images: list[str | bytes] = field(default_factory=list)  # paths or encoded bytes (multimodal samples)
     source: str = ""  # data set name, e.g. "medqa"; passed to rewards as ``data_source``
     meta: dict[str, Any] = field(default_factory=dict)  # subset labels and anything else
 

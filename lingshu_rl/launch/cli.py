@@ -64,7 +64,7 @@ def grpo_samples(cfg: RunConfig) -> list[Sample]:
         from lingshu_rl.data.demo import make_demo_dataset
 
         return make_demo_dataset(seed=cfg.seed)[0]
-    return read_samples(cfg.data.train)
+    return read_samples(cfg.data.train, cfg.data.skip_missing_images)
 
 
 def base_model_path(cfg: RunConfig) -> str:

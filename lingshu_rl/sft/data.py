@@ -14,7 +14,7 @@ def read_source(source: SFTSourceConfig, seed: int) -> list[Sample]:
         from lingshu_rl.data.demo import demo_sft_sample, make_demo_dataset
 
         return [demo_sft_sample(s) for s in make_demo_dataset(seed=seed)[0]]
-    samples = read_samples(source.path)
+    samples = read_samples(source.path, source.skip_missing_images)
     missing = [s.id for s in samples if not any(m["role"] == "assistant" for m in s.messages)]
     if missing:
         raise ValueError(f"{source.path}: {len(missing)} sample(s) have no assistant turn to learn "

@@ -18,13 +18,13 @@ import ray
 from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, SFTStageConfig
-from lingshu_rl.data.chat import encode_conversation
+from lingshu_rl.data.vision import VisionInputs, encode_conversation_with_images, load_image_processor
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.placement import start_policy_worker
 from lingshu_rl.sft.data import plan_steps, read_source
 from lingshu_rl.telemetry import Progress
 from lingshu_rl.telemetry.jsonl import JsonlWriter
-from lingshu_rl.train.batch import TokenBatch, collate_masked, pack
+from lingshu_rl.train.batch import TokenBatch, collate_masked, pack, with_vision
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.megatron.group import terminate_policy
 
@@ -47,8 +47,13 @@ def run_sft(cfg: RunConfig, base_model: str, output_dir: Path, resume: bool) -> 
     return model
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], stage: SFTStageConfig, pad_id: int) -> TokenBatch:
-    return pack(rows, stage.max_length, pad_id) if stage.packing else collate_masked(rows, pad_id)
+Encoded = tuple[list[int], list[int], VisionInputs | None]  # ids, loss mask, images
+
+
+def _batch(rows: list[Encoded], stage: SFTStageConfig, pad_id: int) -> TokenBatch:
+    tokens = [(ids, mask) for ids, mask, _ in rows]
+    batch = pack(tokens, stage.max_length, pad_id) if stage.packing else collate_masked(tokens, pad_id)
+    return with_vision(batch, [vision for _, _, vision in rows])
 
 
 def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_dir: Path, resume: bool) -> str:
@@ -64,14 +69,17 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
     if stage.chat_template:
         tokenizer.chat_template = Path(stage.chat_template).read_text()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    image_processor = load_image_processor(input_model, cfg.model.trust_remote_code)  # None: a text-only model
     sources = [read_source(source, cfg.seed) for source in stage.data]
     plan = plan_steps(stage, sources, cfg.seed)
-    encoded: dict[int, tuple[list[int], list[int]]] = {}  # by object identity: ids may repeat across sources
+    encoded: dict[int, Encoded] = {}  # by object identity: ids may repeat across sources
 
-    def rows(samples: list) -> list[tuple[list[int], list[int]]]:
+    def rows(samples: list) -> list[Encoded]:
         for s in samples:
             if id(s) not in encoded:
-                encoded[id(s)] = encode_conversation(tokenizer, s, stage.max_length)
+                if s.images and image_processor is None:
+                    raise ValueError(f"sample {s.id!r} has images but the model {input_model} has no vision tower")
+                encoded[id(s)] = encode_conversation_with_images(tokenizer, image_processor, s, stage.max_length)
         return [encoded[id(s)] for s in samples]
 
     train_cfg = dataclasses.replace(cfg.train, lr=stage.lr, lr_groups=stage.lr_groups, freeze=stage.freeze,

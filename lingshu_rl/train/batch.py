@@ -8,6 +8,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from lingshu_rl.data.vision import VisionInputs, stack_vision
+
+
+_VISION = ("pixel_values", "image_grid_thw", "image_counts")
+
 
 @dataclass
 class TokenBatch:
@@ -25,22 +30,49 @@ class TokenBatch:
     rollout_logprobs: Tensor | None = None  # [N, T] the rollout engine's sampling log-probs (mismatch metric, TIS)
     segment_ids: Tensor | None = None  # [N, T] packed rows: 1, 2, ... per packed sample, 0 on padding
     position_ids: Tensor | None = None  # [N, T] packed rows: positions restart at 0 for every packed sample
+    # images (vision-language models): every image's patches and grid, rows in order; image_counts [N] says how
+    # many images each row has (see lingshu_rl.data.vision)
+    pixel_values: Tensor | None = None  # [patches, dim]
+    image_grid_thw: Tensor | None = None  # [images, 3]
+    image_counts: Tensor | None = None  # [N] long
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: slice | Tensor) -> TokenBatch:
-        """Rows ``index`` of every tensor, trimmed to the longest remaining sequence."""
-        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        """Rows ``index`` of every tensor, trimmed to the longest remaining sequence (images follow their rows)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _VISION}
         picked = {k: (v[index] if v is not None else None) for k, v in picked.items()}
         length = int(picked["attention_mask"].sum(dim=1).max().item()) if len(picked["input_ids"]) else 0
-        return TokenBatch(**{k: (v[:, :length] if v is not None and v.dim() == 2 else v) for k, v in picked.items()})
+        trimmed = {k: (v[:, :length] if v is not None and v.dim() == 2 else v) for k, v in picked.items()}
+        return TokenBatch(**trimmed, **self._select_images(index))
+
+    def _select_images(self, index: slice | Tensor) -> dict[str, Tensor | None]:
+        if self.image_counts is None:
+            return {}
+        rows = torch.arange(len(self))[index].tolist()
+        first_image = torch.cumsum(self.image_counts, 0) - self.image_counts
+        patches = self.image_grid_thw.prod(dim=-1)
+        first_patch = torch.cumsum(patches, 0) - patches
+        images = [i for r in rows for i in range(int(first_image[r]), int(first_image[r] + self.image_counts[r]))]
+        patch_rows = [torch.arange(int(first_patch[i]), int(first_patch[i] + patches[i])) for i in images]
+        return {"pixel_values": self.pixel_values[torch.cat(patch_rows)] if patch_rows else self.pixel_values[:0],
+                "image_grid_thw": self.image_grid_thw[images], "image_counts": self.image_counts[index]}
 
     def chunks(self, size: int) -> list[TokenBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
     def with_(self, **changes: Tensor | None) -> TokenBatch:
         return replace(self, **changes)
+
+
+def with_vision(batch: TokenBatch, rows: Sequence[VisionInputs | None]) -> TokenBatch:
+    """``batch`` with the images of its rows attached (unchanged when no row has images)."""
+    stacked = stack_vision(list(rows))
+    if stacked is None:
+        return batch
+    pixel_values, image_grid_thw, image_counts = stacked
+    return batch.with_(pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_counts=image_counts)
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.data.vision import copy_processor_files
 from lingshu_rl.grpo.algorithm import entropy_from_logits, token_logprobs
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.optim import make_optimizer
@@ -42,6 +43,24 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch
     return trainable
 
 
+def load_model(model_path: str, model_cfg: ModelConfig) -> torch.nn.Module:
+    """A causal LM, or a vision-language model (Qwen2-VL family: its config has a ``vision_config``)."""
+    remote = model_cfg.trust_remote_code
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=remote)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(model_path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=remote)
+
+
+def multimodal_positions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         image_grid_thw: Tensor | None) -> Tensor:
+    """Qwen2-VL-family 3-D rotary positions (text, height, width) for a padded batch; image tokens get their
+    patch coordinates. Passing them explicitly keeps padded rows exact and avoids the model's cached state."""
+    image_types = (input_ids == model.config.image_token_id).long()
+    positions, _ = model.model.get_rope_index(input_ids, image_types, image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)
+    return positions
+
+
 def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
     """``[N, 1, T, T]`` additive mask: a token attends to earlier tokens of its own packed sample only."""
     length = segment_ids.shape[1]
@@ -61,10 +80,11 @@ class TorchEngine:
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
         self.cfg = train_cfg
+        self.model_path = model_path
         self.device = pick_device(train_cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code).to(self.device)
+        self.model = load_model(model_path, model_cfg).to(self.device)
+        self.multimodal = hasattr(self.model.config, "vision_config")
         self.model.config.use_cache = False
         self.trainable = trainable
         if trainable:
@@ -77,6 +97,10 @@ class TorchEngine:
             self.model.requires_grad_(False)
 
     def _logits(self, batch: TokenBatch) -> Tensor:
+        if batch.pixel_values is not None and not self.multimodal:
+            raise ValueError("the batch has images but the model has no vision tower")
+        if self.multimodal:
+            return self._multimodal_logits(batch)
         if batch.segment_ids is not None:  # packed rows: block-diagonal causal mask, positions restart per sample
             mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
             positions = batch.position_ids.to(self.device)
@@ -84,6 +108,16 @@ class TorchEngine:
             mask = batch.attention_mask.to(self.device)
             positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, position_ids=positions).logits
+
+    def _multimodal_logits(self, batch: TokenBatch) -> Tensor:
+        if batch.segment_ids is not None:
+            raise ValueError("sequence packing is not supported for vision-language models yet: set packing: false")
+        input_ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
+        pixels = batch.pixel_values.to(self.device, self.model.dtype) if batch.pixel_values is not None else None
+        positions = multimodal_positions(self.model, input_ids, mask, grid)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=pixels,
+                          image_grid_thw=grid).logits
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
@@ -145,6 +179,7 @@ class TorchEngine:
         directory = Path(directory)
         self.model.save_pretrained(directory / "model", safe_serialization=True)
         self.tokenizer.save_pretrained(directory / "model")
+        copy_processor_files(self.model_path, directory / "model")  # a vision model's image processor
         if self.trainable:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        directory / "optimizer.pt")
