@@ -24,14 +24,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny"  # a Hugging Face model directory or hub id; "tiny" builds the embedded demo model
+    path: str = "tiny"  # a Hugging Face model directory or hub id; "tiny" / "tiny-vl" build the embedded demo models
     trust_remote_code: bool = False  # run code shipped with a model; off unless you trust the source
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
 class DataConfig:
-    train: str = "demo"  # "demo" (generated medical MCQ set) or a JSONL/Parquet file in the sample format
+    train: str = "demo"  # "demo" (generated medical MCQ set), "image_demo" (synthetic scans) or a JSONL/Parquet file
     heldout: str = "demo"  # evaluation split: "demo" or a file
     max_prompt_tokens: int = 512  # longer prompts (image tokens included) are rejected with the sample id
     skip_missing_images: bool = False  # leave out (and count) samples whose image files are missing, not stop
@@ -92,7 +92,7 @@ class GRPOConfig:
 
 @dataclass
 class SFTSourceConfig:
-    path: str = "demo"  # "demo" or a JSONL/Parquet file whose samples end with an assistant turn (or have `target`)
+    path: str = "demo"  # "demo", "image_demo" or a JSONL/Parquet file; samples end with an assistant turn (or `target`)
     epochs: float = 1.0  # passes over this source per stage; a fraction takes a seeded subset
     weight: float | None = None  # instead: draw batches from sources in proportion to weight (needs stage steps)
     skip_missing_images: bool = False  # leave out (and count) samples whose image files are missing, not stop

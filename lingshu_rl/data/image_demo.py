@@ -1,12 +1,21 @@
-"""A generated image demo: synthetic "scans" whose answer depends on what is drawn.
+"""A generated image demo: synthetic stained slides whose answer depends on what is drawn.
 
-Each image is a 56x56 grey "scan" (noise on a dark disc) with one bright round "lesion" in one of four
-quadrants; the question asks where the lesion is, with the four locations as shuffled options, and the
-answer is the option's text in ``<answer></answer>`` (as in the text demo, :mod:`lingshu_rl.data.demo`). The
-text alone carries no information about the answer, so a model can only beat chance by looking at the image.
-At the tiny vision model's resolution a 56x56 image is 2x2 image tokens, one per quadrant.
+Each image is a 56x56 "micrograph": tissue in the colours of one of four histological stains (H&E pink,
+Gram-stain violet, Giemsa blue, Masson's trichrome green), with randomly placed darker cells and pixel noise.
+The question asks which stain was used and the answer is the stain's name in ``<answer></answer>``. The prompt
+is the same for every image, so a model can only beat chance by looking at the image. Samples are
+multiple-choice records (``options``: the four stains, shuffled; ``answer``: the gold letter), so ``mcq_exact``
+maps the named stain back to its letter, but the options are not listed in the prompt: a closed-set question,
+like SLAKE's closed questions.
 
-Images are PNG files written once under ``<cache>/image-demo-v<version>-<seed>/`` (the tiny model's cache),
+Why stains and not, say, where a lesion is: a stain colours every image token, which the tiny model's random
+vision tower passes on at once; a lesion's position has to be read from which of the image tokens is bright,
+and the tiny model needed over 200 warm-up steps to get off chance on that (measured: greedy accuracy 0.20
+after 120 steps, 0.30 after 200). Listing the options in the prompt kept the stain task at chance for 120
+steps as well (0.27; the long option list dilutes the attention on the 4 image tokens); without them greedy
+accuracy is 0.27 after 80 warm-up steps, 0.38 after 100, 0.47 after 120.
+
+Images are PNG files written once under ``<cache>/image-demo-v<version>-<seed>/`` (the tiny model's cache);
 samples reference them by path, exactly as user data would.
 """
 
@@ -17,29 +26,34 @@ from pathlib import Path
 
 from lingshu_rl.data.sample import Sample
 
-IMAGE_DEMO_VERSION = 1
+IMAGE_DEMO_VERSION = 3
 IMAGE_DEMO_SOURCE = "lingshu_image_demo"
 SIZE = 56
-LOCATIONS = ("upper left", "upper right", "lower left", "lower right")
-SYSTEM_PROMPT = "Answer with the text of the correct option inside <answer></answer>."
-QUESTION = "Where is the lesion in this scan?"
+# stain -> (tissue colour, cell colour) in RGB
+STAINS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "hematoxylin and eosin": ((235, 160, 200), (90, 40, 120)),
+    "Gram stain": ((200, 170, 230), (80, 20, 140)),
+    "Giemsa stain": ((170, 190, 235), (40, 50, 150)),
+    "Masson trichrome": ((170, 220, 180), (110, 40, 40)),
+}
+SYSTEM_PROMPT = "Answer with the name of the stain inside <answer></answer>."
+QUESTION = "Which stain was used for this slide?"
 LETTERS = "ABCD"
 
 
-def draw_scan(location: int, rng: random.Random):
-    """A ``SIZE`` x ``SIZE`` RGB image with a bright blob in quadrant ``location`` (an index into LOCATIONS)."""
+def draw_slide(stain: str, rng: random.Random):
+    """A ``SIZE`` x ``SIZE`` RGB image: tissue in ``stain``'s colours with darker cells and noise."""
     from PIL import Image, ImageChops, ImageDraw
 
-    image = Image.new("L", (SIZE, SIZE), 0)
+    tissue, cell = STAINS[stain]
+    jitter = [rng.randint(-15, 15) for _ in range(3)]
+    image = Image.new("RGB", (SIZE, SIZE), tuple(max(0, min(255, c + j)) for c, j in zip(tissue, jitter)))
     draw = ImageDraw.Draw(image)
-    draw.ellipse((2, 2, SIZE - 3, SIZE - 3), fill=60)  # the body outline
-    half = SIZE // 2
-    cx = half // 2 + (half if location in (1, 3) else 0) + rng.randint(-4, 4)
-    cy = half // 2 + (half if location in (2, 3) else 0) + rng.randint(-4, 4)
-    radius = rng.randint(5, 8)
-    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=rng.randint(200, 255))
-    noise = Image.frombytes("L", (SIZE, SIZE), bytes(rng.randrange(24) for _ in range(SIZE * SIZE)))
-    return ImageChops.add(image, noise).convert("RGB")
+    for _ in range(rng.randint(3, 8)):
+        x, y, r = rng.randrange(SIZE), rng.randrange(SIZE), rng.randint(2, 5)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=cell)
+    noise = Image.frombytes("L", (SIZE, SIZE), bytes(rng.randrange(24) for _ in range(SIZE * SIZE))).convert("RGB")
+    return ImageChops.subtract(image, noise)
 
 
 def image_demo_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
@@ -51,29 +65,28 @@ def image_demo_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
 
 def make_image_demo(n_train: int = 400, n_heldout: int = 100, seed: int = 0, cache_dir: Path | str | None = None
                     ) -> tuple[list[Sample], list[Sample]]:
-    """``(train, heldout)`` samples; their images are written on first use. Locations are balanced in each
-    split and the gold letter is uniform over A-D."""
+    """``(train, heldout)`` samples; their images are written on first use. Stains are balanced in each split and
+    the gold letter is uniform over A-D."""
     folder = image_demo_dir(cache_dir, seed)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"lingshu-image-demo-{IMAGE_DEMO_VERSION}-{seed}")
     splits: dict[str, list[Sample]] = {"train": [], "heldout": []}
     for split, n in (("train", n_train), ("heldout", n_heldout)):
-        locations = [i % len(LOCATIONS) for i in range(n)]
-        rng.shuffle(locations)
-        for i, location in enumerate(locations):
+        stains = [list(STAINS)[i % len(STAINS)] for i in range(n)]
+        rng.shuffle(stains)
+        for i, stain in enumerate(stains):
             path = folder / f"{split}-{i:05d}.png"
-            image = draw_scan(location, rng)  # drawn even when cached, so the random stream never depends on the cache
+            image = draw_slide(stain, rng)  # drawn even when cached, so the random stream never depends on the cache
             if not path.is_file():
                 tmp = path.with_suffix(".tmp.png")
                 image.save(tmp)
                 tmp.replace(path)
-            texts = list(LOCATIONS)
+            texts = list(STAINS)
             rng.shuffle(texts)
             options = dict(zip(LETTERS, texts))
-            answer = LETTERS[texts.index(LOCATIONS[location])]
-            question = "\n".join([QUESTION, *(f"{k}. {v}" for k, v in options.items())])
+            answer = LETTERS[texts.index(stain)]
             splits[split].append(Sample(
                 id=f"image-demo-{split}-{i}", answer=answer, options=options, task="mcq", images=[str(path)],
-                source=IMAGE_DEMO_SOURCE, meta={"location": LOCATIONS[location], "split": split},
-                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]))
+                source=IMAGE_DEMO_SOURCE, meta={"stain": stain, "split": split},
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]))
     return splits["train"], splits["heldout"]

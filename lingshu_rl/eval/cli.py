@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from lingshu_rl.data.builtin import model_path
 from lingshu_rl.eval.benchmarks import BENCHMARKS, get_benchmark, load_items
 from lingshu_rl.eval.report import compare, format_ids, headline, write_results
 from lingshu_rl.eval.results import load_predictions, summarize
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--output-dir", type=Path, required=True)
     run.add_argument("--benchmark", required=True, help="NAME[,NAME...]: " + ", ".join(BENCHMARKS))
-    run.add_argument("--model", required=True, help="a Hugging Face model directory, or 'tiny' (the demo model)")
+    run.add_argument("--model", required=True, help="a Hugging Face model directory, or 'tiny' / 'tiny-vl' (the demo models)")
     run.add_argument("--engine", default="auto", choices=ENGINES, help="auto: vLLM when installed, else transformers")
     run.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     run.add_argument("--batch-size", type=int, default=32)
@@ -102,11 +103,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     names = [name.strip() for name in args.benchmark.split(",") if name.strip()]
     for name in names:
         get_benchmark(name)
-    model = args.model
-    if model == "tiny":
-        from lingshu_rl.models.tiny import build_tiny_model
-
-        model = str(build_tiny_model())
+    model = model_path(args.model)  # a directory, a hub id, or a built-in: tiny | tiny-vl
     results = evaluate(model, names, args.data_dir, args.output_dir, args.engine, args.limit, args.batch_size,
                        args.max_new_tokens, args.text_only)
     print(f"wrote {args.output_dir}/results.json, report.md, accuracy.png, predictions/")

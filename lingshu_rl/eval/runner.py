@@ -8,9 +8,10 @@ not fit the model's context together with ``max_new_tokens`` is not run and coun
 in the report: vLLM refuses such prompts and transformers would run past the trained positions, so skipping
 them is the one behaviour both engines can share.
 
-Images: the engines take token ids only, so a benchmark with images (VQA-RAD, SLAKE, reports) runs only with
-``text_only=True``: the model answers from the question alone, and the report says so. Image input is a later
-issue.
+Images: a vision-language model (its config has a ``vision_config``) gets each item's images, preprocessed by
+its own image processor (:mod:`lingshu_rl.data.vision`). A text-only model runs a benchmark with images
+(VQA-RAD, SLAKE, reports) only with ``text_only=True``: it answers from the question alone, and the report says
+so. The decoded prompts in the predictions show each image as its run of ``<|image_pad|>`` tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lingshu_rl.eval.scoring import ItemScore, score_items
 from lingshu_rl.telemetry.jsonl import JsonlWriter
 
 if TYPE_CHECKING:
+    from lingshu_rl.data.vision import VisionInputs
     from lingshu_rl.rollout.protocol import RolloutEngine, SamplingParams
 
 ENGINES = ("auto", "vllm", "transformers")
@@ -65,16 +67,16 @@ def context_length(config: Any) -> int | None:
 
 def check_images(items: dict[str, list[EvalItem]], config: Any, model_path: str, text_only: bool) -> None:
     with_images = [name for name, benchmark_items in items.items() if any(i.images for i in benchmark_items)]
-    if not with_images or text_only:
+    if not with_images or text_only or hasattr(config, "vision_config"):
         return
-    why = ("image input to the rollout engines is not supported yet" if hasattr(config, "vision_config")
-           else f"the model at {model_path} is text-only (its config has no vision_config)")
-    raise EvalError(f"benchmark(s) with images: {', '.join(with_images)}; {why}. Pass --text-only to answer from "
-                    "the question alone (the report will say the images were ignored)")
+    raise EvalError(f"benchmark(s) with images: {', '.join(with_images)}; the model at {model_path} is text-only "
+                    "(its config has no vision_config). Pass --text-only to answer from the question alone (the "
+                    "report will say the images were ignored)")
 
 
 def generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams, batch_size: int,
-             max_prompt_tokens: int | None = None) -> list[tuple[str | None, str]]:
+             max_prompt_tokens: int | None = None, images: list[VisionInputs | None] | None = None
+             ) -> list[tuple[str | None, str]]:
     """``(response text, finish reason)`` per prompt, in order; batches hold prompts of similar length.
 
     A prompt that leaves no room for ``params.max_new_tokens`` in the model's context (``max_prompt_tokens``)
@@ -85,7 +87,8 @@ def generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingPa
     out: list[tuple[str | None, str]] = [(None, "prompt_too_long")] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for index, generation in zip(batch, engine.generate([prompts[i] for i in batch], params)):
+        batch_images = [images[i] for i in batch] if images and any(images[i] for i in batch) else None
+        for index, generation in zip(batch, engine.generate([prompts[i] for i in batch], params, batch_images)):
             out[index] = (generation.text, generation.finish_reason)
     return out
 
@@ -121,7 +124,7 @@ def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, outp
     accuracy.png, predictions/}`` and return the results (the content of ``results.json``)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lingshu_rl.data.chat import encode_prompt
+    from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
     from lingshu_rl.rollout.protocol import SamplingParams
 
     output_dir, data_dir = Path(output_dir), Path(data_dir) if data_dir is not None else None
@@ -138,6 +141,7 @@ def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, outp
             sample.images = []
     engine_name = resolve_engine(engine)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    image_processor = load_image_processor(model_path)  # None: a text-only model
     rollout = _make_engine(model_path, engine_name)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     results: dict[str, Any] = {"model": model_path, "engine": engine_name, "max_new_tokens": max_new_tokens,
@@ -145,8 +149,9 @@ def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, outp
                                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmarks": {}}
     for name, benchmark_items in items.items():
         started = time.monotonic()
-        prompt_ids = [encode_prompt(tokenizer, sample) for sample in samples[name]]
-        outputs = generate(rollout, prompt_ids, params, batch_size, context and context - max_new_tokens)
+        prompt_ids, images = map(list, zip(*(encode_prompt_with_images(tokenizer, image_processor, sample)
+                                             for sample in samples[name])))
+        outputs = generate(rollout, prompt_ids, params, batch_size, context and context - max_new_tokens, images)
         scores = score_items(benchmark_items, {item.id: text for item, (text, _) in zip(benchmark_items, outputs)
                                                if text is not None})
         _save(output_dir / "predictions" / f"{name}.jsonl", samples[name],

@@ -25,6 +25,7 @@ import torch
 from lingshu_rl.config import RunConfig
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.data.sampler import EpochSampler
+from lingshu_rl.data.vision import VisionInputs
 from lingshu_rl.grpo.algorithm import group_advantages, informative_groups
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.loss import GRPOLoss
@@ -32,7 +33,7 @@ from lingshu_rl.grpo.placement import ACTOR, REF, ROLLOUT, Roles, create_roles
 from lingshu_rl.rewards.pool import RewardPool, ScoreItem
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.telemetry import PhaseTimer, Progress, Telemetry
-from lingshu_rl.train.batch import collate, response_values
+from lingshu_rl.train.batch import collate, response_values, with_vision
 
 ACCURACY_REWARDS = ("mcq_exact", "answer_norm")
 
@@ -48,7 +49,8 @@ class TrainingStopped(RuntimeError):
 @dataclass
 class Prompt:
     sample: Sample
-    ids: list[int]  # chat-templated prompt tokens
+    ids: list[int]  # chat-templated prompt tokens (image pads expanded)
+    vision: VisionInputs | None = None  # the sample's images, preprocessed
 
 
 def _get(refs: Any, role: str) -> Any:
@@ -63,9 +65,13 @@ def generate(roles: Roles, prompts: list[Prompt], params: SamplingParams) -> lis
     k = len(roles.rollouts)
     size = -(-len(prompts) // k)
     parts = [prompts[i * size:(i + 1) * size] for i in range(k)]
-    refs = [(i, w.generate.remote([p.ids for p in part], params))
+    refs = [(i, w.generate.remote([p.ids for p in part], params, _images(part)))
             for i, (w, part) in enumerate(zip(roles.rollouts, parts)) if part]
     return [g for i, ref in refs for g in _get(ref, ROLLOUT.format(i))]
+
+
+def _images(prompts: list[Prompt]) -> list[VisionInputs | None] | None:
+    return [p.vision for p in prompts] if any(p.vision is not None for p in prompts) else None
 
 
 def sync_weights(roles: Roles) -> None:
@@ -107,7 +113,7 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
     metrics["grpo/kept_groups"] = float(keep.sum())
     if rows:
         batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
-        batch = batch.with_(advantages=advantages.flatten()[rows])
+        batch = with_vision(batch, [owners[i].vision for i in rows]).with_(advantages=advantages.flatten()[rows])
         if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
             truncated = torch.tensor([gens[i].finish_reason == "length" for i in rows])
             batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))

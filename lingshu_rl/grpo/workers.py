@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, RolloutConfig, TrainConfig
+from lingshu_rl.data.vision import VisionInputs
 from lingshu_rl.rollout.protocol import Generation, RolloutEngine, SamplingParams
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.protocol import Loss, TrainEngine
@@ -107,8 +108,9 @@ class RolloutWorker:
         _set_threads(threads)
         self.engine = make_rollout_engine(model_path, model_cfg, rollout_cfg, device)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        return self.engine.generate(prompts, params)
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[VisionInputs | None] | None = None) -> list[Generation]:
+        return self.engine.generate(prompts, params, images)
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         self.engine.load_weights(weights)

@@ -18,7 +18,9 @@ import yaml
 
 from lingshu_rl.config import ConfigError, RunConfig, load_config, to_dict
 from lingshu_rl.data.chat import PromptTooLong
+from lingshu_rl.data import builtin
 from lingshu_rl.data.readers import DataError, read_samples
+from lingshu_rl.data.vision import ImageError
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import TrainingStopped, WorkerDied, find_resume
@@ -28,13 +30,17 @@ from lingshu_rl.rewards.registry import RewardResolutionError
 from lingshu_rl.telemetry import redact
 from lingshu_rl.telemetry.jsonl import read_jsonl
 
-DEMO_PRESET = Path(__file__).parent / "presets" / "demo.yaml"
+PRESETS = Path(__file__).parent / "presets"
+DEMO_PRESET = PRESETS / "demo.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lingshu_rl.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML recipe (default: the embedded demo preset)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="YAML recipe (default: the embedded demo preset)")
+    source.add_argument("--preset", help="a built-in recipe: " + ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+                        + " (demo-vl: the multimodal demo)")
     parser.add_argument("--reward", action="append", default=[],
                         help="reward: built-in name, entry point, pkg.module:fn or file.py:fn; combine with "
                              "'0.5*format+1.0*mcq_exact' or by repeating the flag (NAME=WEIGHT)")
@@ -60,19 +66,13 @@ def resolve_output_dir(requested: Path | None, resume: str | None) -> Path:
 
 
 def grpo_samples(cfg: RunConfig) -> list[Sample]:
-    if cfg.data.train == "demo":
-        from lingshu_rl.data.demo import make_demo_dataset
-
-        return make_demo_dataset(seed=cfg.seed)[0]
+    if cfg.data.train in builtin.DATA:
+        return builtin.builtin_train_split(cfg.data.train, cfg.seed)
     return read_samples(cfg.data.train, cfg.data.skip_missing_images)
 
 
 def base_model_path(cfg: RunConfig) -> str:
-    if cfg.model.path == "tiny":
-        from lingshu_rl.models.tiny import build_tiny_model
-
-        return str(build_tiny_model(seed=cfg.seed))
-    return cfg.model.path
+    return builtin.model_path(cfg.model.path, cfg.seed)
 
 
 def summarise(output_dir: Path) -> None:
@@ -86,9 +86,18 @@ def summarise(output_dir: Path) -> None:
     print(f"[lingshu] outputs: {output_dir}")
 
 
+def preset_path(name: str | None) -> Path:
+    if name is None:
+        return DEMO_PRESET
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(p.stem for p in PRESETS.glob('*.yaml')))}")
+    return path
+
+
 def prepare(args: argparse.Namespace) -> Run:
     """Everything that can fail on bad input, checked before any cluster starts."""
-    cfg = load_config(args.config or DEMO_PRESET, args.set)
+    cfg = load_config(args.config or preset_path(args.preset), args.set)
     if args.reward:
         cfg.reward.rewards = list(args.reward)
     if args.ray_address:
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         run_pipeline(run)
-    except (PromptTooLong, StageMissing, FileExistsError, DataError) as err:
+    except (PromptTooLong, StageMissing, FileExistsError, DataError, ImageError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except (WorkerDied, TrainingStopped) as err:

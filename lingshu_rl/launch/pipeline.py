@@ -12,7 +12,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, to_dict
-from lingshu_rl.data.chat import encode_prompt
+from lingshu_rl.data.readers import DataError
+from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import Prompt, train_grpo
@@ -64,7 +65,13 @@ def grpo_stage(run: Run, policy: str) -> str | None:
         last = latest_checkpoint(run.output_dir)
         return str(last / "model") if last else None
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.model.trust_remote_code)
-    prompts = [Prompt(s, encode_prompt(tokenizer, s, cfg.data.max_prompt_tokens)) for s in run.train_samples]
+    image_processor = load_image_processor(policy, cfg.model.trust_remote_code)  # None: a text-only model
+    if image_processor is None and (with_images := [s.id for s in run.train_samples if s.images]):
+        raise DataError(f"{len(with_images)} training sample(s) have images (first: {with_images[0]!r}) but the "
+                         f"model {policy} has no vision tower")
+    # images are decoded and preprocessed once, up front (memory grows with the data set's pixels)
+    prompts = [Prompt(s, *encode_prompt_with_images(tokenizer, image_processor, s, cfg.data.max_prompt_tokens))
+               for s in run.train_samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_step = int(run.resume.name.split("_")[-1]) if run.resume else None
     telemetry = Telemetry(run.output_dir, redact(to_dict(cfg)), cfg.logging.wandb, cfg.logging.ray_metrics,

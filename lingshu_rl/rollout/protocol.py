@@ -7,6 +7,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from lingshu_rl.data.vision import VisionInputs
+
 
 @dataclass
 class SamplingParams:
@@ -31,8 +33,10 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """``params.n`` generations per prompt, grouped: prompt 0's n responses first."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[VisionInputs | None] | None = None) -> list[Generation]:
+        """``params.n`` generations per prompt, grouped: prompt 0's n responses first. ``images[i]`` are prompt
+        i's images (its ids hold the expanded image pads, :mod:`lingshu_rl.data.vision`)."""
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         """Replace the model weights in place (Hugging Face names)."""

@@ -46,9 +46,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from lingshu_rl.data.vision import IMAGE_PAD, VisionInputs, compact_image_pads
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU unless VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
+MAX_IMAGES_PER_PROMPT = 4  # images vLLM reserves room for per prompt (vision-language models)
 
 
 def vllm_available() -> bool:
@@ -60,6 +62,12 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a response: ``<|im_end|>`` when the vocabulary has it, and the tokenizer's eos."""
     ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")} if "<|im_end|>" in tokenizer.get_vocab() else set()
     return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def _is_multimodal(model_path: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    return hasattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "vision_config")
 
 
 def _reload_weights(worker: Any, weights: dict[str, Tensor]) -> None:
@@ -83,6 +91,12 @@ class VLLMRollout:
         extra: dict[str, Any] = {}
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             extra["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        self.multimodal = _is_multimodal(model_path, trust_remote_code)
+        if self.multimodal:
+            from lingshu_rl.models.tiny_vl import enable_qwen_vl_without_torchvision
+
+            enable_qwen_vl_without_torchvision(vllm=True)  # a no-op where torchvision is installed
+            extra["limit_mm_per_prompt"] = {"image": MAX_IMAGES_PER_PROMPT, "video": 0}
         self.llm = vllm.LLM(
             model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
@@ -93,13 +107,15 @@ class VLLMRollout:
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and tensor_parallel_size == 1
         self.eos_ids = end_of_turn_ids(tokenizer)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[VisionInputs | None] | None = None) -> list[Generation]:
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._wake()
         greedy = params.temperature == 0
         copies, n = (params.n, 1) if greedy else (1, params.n)  # vLLM refuses n > 1 with greedy: repeat prompts
         expanded = [p for p in prompts for _ in range(copies)]
+        visions = [v for v in (images or [None] * len(prompts)) for _ in range(copies)]
         rng = random.Random(params.seed)
         if self.in_process:  # the sampler draws from this process's global generator (see the module docstring)
             torch.manual_seed(params.seed)
@@ -109,7 +125,7 @@ class VLLMRollout:
             stop_token_ids=self.eos_ids, seed=None if self.in_process else rng.getrandbits(31), logprobs=0,
             detokenize=bool(params.stop))  # text is decoded below, as the transformers engine does
             for _ in expanded]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in expanded], requests, use_tqdm=False)
+        outputs = self.llm.generate([self._request(p, v) for p, v in zip(expanded, visions)], requests, use_tqdm=False)
         generations = []
         for prompt, output in zip(expanded, outputs):
             for sample in sorted(output.outputs, key=lambda c: c.index):  # n per prompt, grouped by prompt
@@ -124,6 +140,15 @@ class VLLMRollout:
             self.asleep = True
         return generations
 
+    def _request(self, prompt: list[int], vision: VisionInputs | None) -> dict[str, Any]:
+        if vision is None:
+            return {"prompt_token_ids": prompt}
+        if not self.multimodal:
+            raise ValueError("a prompt has images but the model has no vision tower")
+        # vLLM expands one <|image_pad|> per image itself (and would expand an expanded prompt again, silently)
+        pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        return {"prompt_token_ids": compact_image_pads(prompt, pad_id), "multi_modal_data": {"image": vision.images}}
+
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         if self.asleep:  # GPU only (untested here): weights first, the KV cache only once they are loaded
             self.llm.wake_up(tags=["weights"])
@@ -132,6 +157,8 @@ class VLLMRollout:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+        if self.multimodal:  # cached image embeddings were computed by the old vision tower
+            self.llm.llm_engine.reset_encoder_cache()
 
     def _wake(self) -> None:
         if self.asleep:  # GPU only (untested here)

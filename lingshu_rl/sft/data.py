@@ -5,15 +5,15 @@ from __future__ import annotations
 import random
 
 from lingshu_rl.config import SFTSourceConfig, SFTStageConfig
+from lingshu_rl.data.builtin import DATA, builtin_train_split
+from lingshu_rl.data.demo import demo_sft_sample
 from lingshu_rl.data.readers import read_samples
 from lingshu_rl.data.sample import Sample
 
 
 def read_source(source: SFTSourceConfig, seed: int) -> list[Sample]:
-    if source.path == "demo":
-        from lingshu_rl.data.demo import demo_sft_sample, make_demo_dataset
-
-        return [demo_sft_sample(s) for s in make_demo_dataset(seed=seed)[0]]
+    if source.path in DATA:  # the built-in demos: their targets are the gold option's text in answer tags
+        return [demo_sft_sample(s) for s in builtin_train_split(source.path, seed)]
     samples = read_samples(source.path, source.skip_missing_images)
     missing = [s.id for s in samples if not any(m["role"] == "assistant" for m in s.messages)]
     if missing:

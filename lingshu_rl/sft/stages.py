@@ -18,6 +18,7 @@ import ray
 from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, SFTStageConfig
+from lingshu_rl.data.readers import DataError
 from lingshu_rl.data.vision import VisionInputs, encode_conversation_with_images, load_image_processor
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.placement import start_policy_worker
@@ -78,7 +79,7 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
         for s in samples:
             if id(s) not in encoded:
                 if s.images and image_processor is None:
-                    raise ValueError(f"sample {s.id!r} has images but the model {input_model} has no vision tower")
+                    raise DataError(f"sample {s.id!r} has images but the model {input_model} has no vision tower")
                 encoded[id(s)] = encode_conversation_with_images(tokenizer, image_processor, s, stage.max_length)
         return [encoded[id(s)] for s in samples]
 

@@ -43,12 +43,11 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch
     return trainable
 
 
-def load_model(model_path: str, model_cfg: ModelConfig) -> torch.nn.Module:
+def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     """A causal LM, or a vision-language model (Qwen2-VL family: its config has a ``vision_config``)."""
-    remote = model_cfg.trust_remote_code
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=remote)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(model_path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=remote)
+    return auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def multimodal_positions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -83,7 +82,7 @@ class TorchEngine:
         self.model_path = model_path
         self.device = pick_device(train_cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        self.model = load_model(model_path, model_cfg).to(self.device)
+        self.model = load_model(model_path, _DTYPES[model_cfg.dtype], model_cfg.trust_remote_code).to(self.device)
         self.multimodal = hasattr(self.model.config, "vision_config")
         self.model.config.use_cache = False
         self.trainable = trainable

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lingshu_rl.eval.benchmarks import demo, medmcqa, medqa, mmlu, pubmedqa, reports, slake, vqa_rad
+from lingshu_rl.eval.benchmarks import demo, image_demo, medmcqa, medqa, mmlu, pubmedqa, reports, slake, vqa_rad
 from lingshu_rl.eval.benchmarks.base import BenchmarkError
 from lingshu_rl.eval.items import EvalItem
 
@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _entry("slake_zh", "SLAKE test (Chinese)", slake, slake.COUNTS["zh"], functools.partial(slake.read, lang="zh")),
     _entry("reports", "Radiology report generation", reports, None),
     _entry("demo", "lingshu demo held-out split", demo, demo.COUNT),
+    _entry("image_demo", "lingshu image demo held-out split", image_demo, image_demo.COUNT),
 )}
 
 
