@@ -45,7 +45,7 @@ def test_well_formed(response):
         (f"{THINK}<answer>C", 1.0, 0.0),  # unclosed
         ("<think>reasoning<answer>C</answer>", 0.0, 1.0),  # think never closed
         ("</think><think>x<answer>C</answer>", 0.0, 1.0),  # closing before opening
-        (f"<Think>x</Think><answer>C</answer>", 0.0, 1.0),  # tags are case-sensitive
+        ("<Think>x</Think><answer>C</answer>", 0.0, 1.0),  # tags are case-sensitive
         (f"{THINK}<Answer>C</Answer>", 1.0, 0.0),
     ],
 )

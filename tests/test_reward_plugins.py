@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lingshu_rl.rewards import call_reward, resolve_reward
-from lingshu_rl.rewards.adapters import from_trl, to_trl, to_verl
+from lingshu_rl.rewards.adapters import from_trl, to_trl
 from lingshu_rl.rewards.combine import RewardSpec, build_reward, parse_reward_arg, specs_from_config
 from lingshu_rl.rewards.registry import RewardResolutionError
 

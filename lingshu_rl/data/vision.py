@@ -1,8 +1,9 @@
-"""Images for vision-language models: loading with errors that name the sample, chat messages with image
-items, and token ids + pixel inputs for Qwen2-VL-family models.
+"""Images for vision-language models: loading with errors that name the sample, and token ids + pixel inputs
+for Qwen2-VL-family models.
 
 A sample's images (``Sample.images``: file paths, or raw bytes) go, in order, at the start of its first user
-turn, as the Qwen2-VL / Qwen2.5-VL chat templates expect (``{"type": "image"}`` items before the text). The
+turn, as the Qwen2-VL / Qwen2.5-VL chat templates expect (``{"type": "image"}`` items before the text; see
+:func:`lingshu_rl.data.chat.chat_messages`). The
 chat template renders each as ``<|vision_start|><|image_pad|><|vision_end|>``; :func:`expand_image_pads` then
 repeats each ``<|image_pad|>`` once per image token (``t*h*w / merge**2`` from the image processor's grid), which
 is what the model's forward expects. The compact form (one pad per image) is what vLLM takes
@@ -41,11 +42,6 @@ def load_image(image: str | bytes, sample_id: str) -> Any:
         raise ImageError(f"sample {sample_id!r}: image not found: {where}") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ImageError(f"sample {sample_id!r}: cannot read image {where}: {err}") from None
-
-
-def missing_images(sample: Sample) -> list[str]:
-    """The paths among ``sample.images`` that are not files (bytes are not checked here)."""
-    return [str(p) for p in sample.images if isinstance(p, str) and not Path(p).is_file()]
 
 
 @dataclass

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from lingshu_rl.data.demo import DEMO_VERSION, demo_corpus
@@ -151,15 +152,15 @@ def _write_model(out: Path, seed: int) -> None:
          "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
 
 
-def build_tiny_model(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
-    """Build (or reuse) the tiny demo model directory and return its path; see the module docstring."""
-    final = tiny_model_dir(cache_dir, seed)
+def build_once(final: Path, write: Callable[[Path], None]) -> Path:
+    """``final``, written by ``write(tmp)`` into a temporary directory next to it and renamed into place, unless
+    a finished build is already there (marked by ``lingshu_tiny.json``)."""
     if (final / "lingshu_tiny.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_model(tmp, seed)
+        write(tmp)
         try:
             os.replace(tmp, final)  # atomic; fails if another builder got there first
         except OSError:
@@ -168,3 +169,8 @@ def build_tiny_model(cache_dir: Path | str | None = None, seed: int = 0) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def build_tiny_model(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
+    """Build (or reuse) the tiny demo model directory and return its path; see the module docstring."""
+    return build_once(tiny_model_dir(cache_dir, seed), lambda tmp: _write_model(tmp, seed))

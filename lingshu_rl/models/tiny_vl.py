@@ -31,16 +31,13 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 from lingshu_rl.models.tiny import (
-    EOS_TOKEN, IM_END, MODEL_SETTINGS, default_cache_dir, tiny_model_hash, train_tiny_tokenizer)
+    EOS_TOKEN, IM_END, MODEL_SETTINGS, build_once, default_cache_dir, tiny_model_hash, train_tiny_tokenizer)
 
 TINY_VL_VERSION = 1  # bump when this builder's output changes
 
@@ -179,21 +176,7 @@ def _write_model(out: Path, seed: int) -> None:
 
 def build_tiny_vl_model(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
     """Build (or reuse) the tiny vision-language model directory and return its path; see the module docstring."""
-    final = tiny_vl_model_dir(cache_dir, seed)
-    if (final / "lingshu_tiny.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        _write_model(tmp, seed)
-        try:
-            os.replace(tmp, final)  # atomic; fails if another builder got there first
-        except OSError:
-            if not (final / "lingshu_tiny.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(tiny_vl_model_dir(cache_dir, seed), lambda tmp: _write_model(tmp, seed))
 
 
 @functools.cache
