@@ -51,6 +51,24 @@ def test_image_tokens_are_expanded_per_image_and_compact_for_vllm(model_dir: str
     assert tokenizer.decode([t for t, m in zip(full, mask) if m]).startswith("<answer>")
 
 
+def test_several_images_per_sample_and_images_as_bytes(model_dir: str, demo) -> None:
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    processor = load_image_processor(model_dir)
+    first, second = demo[0][0].images[0], demo[0][1].images[0]
+    sample = replace(demo[0][0], images=[first, Path(second).read_bytes()])  # a path and encoded bytes
+    ids, vision = encode_prompt_with_images(tokenizer, processor, sample)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert len(vision.image_grid_thw) == 2 and ids.count(pad) == 8
+    starts = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<|vision_start|>")]
+    assert len(starts) == 2 and ids[starts[0] + 1:starts[0] + 5] == [pad] * 4  # each image its own 4 tokens
+    with pytest.raises(ImageError, match="sample 'image-demo-train-0': cannot read image 5 bytes"):
+        encode_prompt_with_images(tokenizer, processor, replace(sample, images=[b"fake!"]))
+
+
 def _batch(engine: TorchEngine, samples, response: str):
     processor = load_image_processor(engine.model_path)
     prompts, visions = zip(*(encode_prompt_with_images(engine.tokenizer, processor, s) for s in samples))
