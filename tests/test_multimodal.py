@@ -15,7 +15,8 @@ from lingshu_rl.data.vision import (
     ImageError, compact_image_pads, encode_conversation_with_images, encode_prompt_with_images, load_image,
     load_image_processor)
 from lingshu_rl.data.demo import demo_sft_sample
-from lingshu_rl.train.batch import collate, collate_masked, with_vision
+from lingshu_rl.grpo.algorithm import token_logprobs
+from lingshu_rl.train.batch import collate, collate_masked, pack, with_vision
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.torch_engine import TorchEngine
 
@@ -104,6 +105,30 @@ def test_sft_update_with_images_freezes_the_vision_tower(engine: TorchEngine, de
     assert visual and all(torch.equal(before[n], after[n]) for n in visual)
     assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
                            after["model.language_model.layers.0.mlp.up_proj.weight"])
+
+
+def test_packed_rows_with_images_give_the_unpacked_loss(engine: TorchEngine, demo) -> None:
+    from dataclasses import replace
+
+    processor = load_image_processor(engine.model_path)
+    samples = [demo_sft_sample(s) for s in demo[0][:5]]
+    samples[1] = replace(samples[1], images=[])  # a text-only sample among them
+    samples[3] = replace(samples[3], images=[samples[3].images[0], samples[4].images[0]])  # two images
+    rows = [encode_conversation_with_images(engine.tokenizer, processor, s) for s in samples]
+    pad = engine.tokenizer.pad_token_id
+    tokens, visions = [(i, m) for i, m, _ in rows], [v for _, _, v in rows]
+    packed = pack(tokens, max_length=2 * max(len(i) for i, _ in tokens), pad_id=pad, visions=visions)
+    assert len(packed) < len(rows) and int(packed.segment_ids.max()) >= 2
+    losses = []
+    for batch in (with_vision(collate_masked(tokens, pad), visions), packed):
+        logprobs = token_logprobs(engine._logits(batch), batch.input_ids) * batch.response_mask
+        losses.append(SFTLoss()(logprobs, None, batch, float(batch.response_mask.sum()), float(len(batch)))[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    swapped = pack(tokens, max_length=2 * max(len(i) for i, _ in tokens), pad_id=pad,
+                   visions=[visions[2], visions[1], visions[0], visions[3], visions[4]])  # images on the wrong rows
+    logprobs = token_logprobs(engine._logits(swapped), swapped.input_ids) * swapped.response_mask
+    wrong = SFTLoss()(logprobs, None, swapped, float(swapped.response_mask.sum()), float(len(swapped)))[0].item()
+    assert abs(wrong - losses[0]) > 1e-4
 
 
 def test_a_bad_image_path_names_the_sample_and_the_path(tmp_path: Path, demo) -> None:

@@ -91,6 +91,15 @@ def compact_image_pads(ids: list[int], pad_id: int) -> list[int]:
     return [t for i, t in enumerate(ids) if t != pad_id or i == 0 or ids[i - 1] != pad_id]
 
 
+def merge_vision(parts: list[VisionInputs | None]) -> VisionInputs | None:
+    """The images of several sequences packed into one row, in order (``None`` when none has images)."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return VisionInputs(torch.cat([p.pixel_values for p in present]), torch.cat([p.image_grid_thw for p in present]),
+                        [image for p in present for image in p.images])
+
+
 def stack_vision(rows: list[VisionInputs | None]) -> tuple[Tensor, Tensor, Tensor] | None:
     """Batch tensors for rows in order: ``pixel_values`` (all patches), ``image_grid_thw`` (all images) and
     ``image_counts`` [rows] (images per row); ``None`` when no row has images."""

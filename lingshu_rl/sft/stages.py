@@ -53,8 +53,10 @@ Encoded = tuple[list[int], list[int], VisionInputs | None]  # ids, loss mask, im
 
 def _batch(rows: list[Encoded], stage: SFTStageConfig, pad_id: int) -> TokenBatch:
     tokens = [(ids, mask) for ids, mask, _ in rows]
-    batch = pack(tokens, stage.max_length, pad_id) if stage.packing else collate_masked(tokens, pad_id)
-    return with_vision(batch, [vision for _, _, vision in rows])
+    visions = [vision for _, _, vision in rows]
+    if stage.packing:
+        return pack(tokens, stage.max_length, pad_id, visions)
+    return with_vision(collate_masked(tokens, pad_id), visions)
 
 
 def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_dir: Path, resume: bool) -> str:

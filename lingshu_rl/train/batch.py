@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from lingshu_rl.data.vision import VisionInputs, stack_vision
+from lingshu_rl.data.vision import VisionInputs, merge_vision, stack_vision
 
 
 _VISION = ("pixel_values", "image_grid_thw", "image_counts")
@@ -94,23 +94,28 @@ def collate_masked(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad
     return TokenBatch(input_ids, attention_mask, response_mask)
 
 
-def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int) -> TokenBatch:
+def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int,
+         visions: Sequence[VisionInputs | None] | None = None) -> TokenBatch:
     """Pack ``(ids, mask)`` sequences into rows of at most ``max_length`` tokens (first fit, in order).
 
     Each packed sample gets its own segment id and positions restarting at 0; the engine turns segments into
-    a block-diagonal causal attention mask, so packed samples never see each other.
+    a block-diagonal causal attention mask, so packed samples never see each other. ``visions[i]`` are sequence
+    i's images; they follow it into its row.
     """
     rows: list[list[tuple[Sequence[int], Sequence[int]]]] = []
+    row_visions: list[list[VisionInputs | None]] = []
     room: list[int] = []
-    for ids, mask in sequences:
+    for i, (ids, mask) in enumerate(sequences):
         if len(ids) > max_length:
             raise ValueError(f"a sequence of {len(ids)} tokens does not fit max_length {max_length}")
         slot = next((r for r, free in enumerate(room) if free >= len(ids)), None)
         if slot is None:
             rows.append([])
+            row_visions.append([])
             room.append(max_length)
             slot = len(rows) - 1
         rows[slot].append((ids, mask))
+        row_visions[slot].append(visions[i] if visions else None)
         room[slot] -= len(ids)
     flat = [([t for ids, _ in row for t in ids], [m for _, mask in row for m in mask]) for row in rows]
     batch = collate_masked(flat, pad_id)
@@ -122,7 +127,8 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
             segments[r, start:start + len(ids)] = k
             positions[r, start:start + len(ids)] = torch.arange(len(ids))
             start += len(ids)
-    return batch.with_(segment_ids=segments, position_ids=positions)
+    batch = batch.with_(segment_ids=segments, position_ids=positions)
+    return with_vision(batch, [merge_vision(row) for row in row_visions])
 
 
 def response_values(prompt_lengths: Sequence[int], values: Sequence[Sequence[float]], length: int) -> Tensor:

@@ -60,6 +60,28 @@ def multimodal_positions(model: torch.nn.Module, input_ids: Tensor, attention_ma
     return positions
 
 
+def packed_multimodal_positions(model: torch.nn.Module, input_ids: Tensor, segment_ids: Tensor,
+                                image_grid_thw: Tensor | None) -> Tensor:
+    """:func:`multimodal_positions` for packed rows: every packed sample gets its own positions, from 0, as if
+    it were alone (its images are the next ones of the row's, in order)."""
+    positions = torch.zeros((3, *input_ids.shape), dtype=torch.long, device=input_ids.device)
+    merge = model.config.vision_config.spatial_merge_size
+    grids = list(image_grid_thw) if image_grid_thw is not None else []
+    for row in range(input_ids.shape[0]):
+        for segment in segment_ids[row].unique().tolist():
+            if segment == 0:  # padding
+                continue
+            where = (segment_ids[row] == segment).nonzero().flatten()
+            ids = input_ids[row, where][None]
+            image_tokens, own = int((ids == model.config.image_token_id).sum()), []
+            while image_tokens > 0:  # this sample's images: the next grids, until their tokens are accounted for
+                own.append(grids.pop(0))
+                image_tokens -= int(own[-1].prod()) // merge ** 2
+            grid = torch.stack(own) if own else None
+            positions[:, row, where] = multimodal_positions(model, ids, torch.ones_like(ids), grid)[:, 0]
+    return positions
+
+
 def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
     """``[N, 1, T, T]`` additive mask: a token attends to earlier tokens of its own packed sample only."""
     length = segment_ids.shape[1]
@@ -109,12 +131,15 @@ class TorchEngine:
         return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, position_ids=positions).logits
 
     def _multimodal_logits(self, batch: TokenBatch) -> Tensor:
-        if batch.segment_ids is not None:
-            raise ValueError("sequence packing is not supported for vision-language models yet: set packing: false")
-        input_ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        input_ids = batch.input_ids.to(self.device)
         grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
         pixels = batch.pixel_values.to(self.device, self.model.dtype) if batch.pixel_values is not None else None
-        positions = multimodal_positions(self.model, input_ids, mask, grid)
+        if batch.segment_ids is not None:  # packed rows: 3-D positions restart per sample, block-diagonal mask
+            mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
+            positions = packed_multimodal_positions(self.model, input_ids, batch.segment_ids.to(self.device), grid)
+        else:
+            mask = batch.attention_mask.to(self.device)
+            positions = multimodal_positions(self.model, input_ids, mask, grid)
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=pixels,
                           image_grid_thw=grid).logits
 
