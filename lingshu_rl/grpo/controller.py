@@ -25,7 +25,7 @@ import torch
 from lingshu_rl.config import RunConfig
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.data.sampler import EpochSampler
-from lingshu_rl.data.vision import VisionInputs
+from lingshu_rl.data.vision import VisionInputs, vision_inputs
 from lingshu_rl.grpo.algorithm import group_advantages, informative_groups
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.loss import GRPOLoss
@@ -50,7 +50,11 @@ class TrainingStopped(RuntimeError):
 class Prompt:
     sample: Sample
     ids: list[int]  # chat-templated prompt tokens (image pads expanded)
-    vision: VisionInputs | None = None  # the sample's images, preprocessed
+    image_processor: Any = None  # for a sample with images: its pixels are prepared when the prompt is drawn
+
+    def vision(self) -> VisionInputs | None:
+        """The sample's images, loaded and preprocessed now (not kept: a data set's pixels need not fit memory)."""
+        return vision_inputs(self.image_processor, self.sample) if self.sample.images else None
 
 
 def _get(refs: Any, role: str) -> Any:
@@ -60,18 +64,20 @@ def _get(refs: Any, role: str) -> Any:
         raise WorkerDied(f"the worker {role!r} died ({type(err).__name__})") from None
 
 
-def generate(roles: Roles, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-    """Split the prompts across the rollout workers (data parallel); results stay grouped by prompt."""
+def generate(roles: Roles, prompts: list[list[int]], params: SamplingParams,
+             visions: list[VisionInputs | None]) -> list[Generation]:
+    """Split the prompts (and their images) across the rollout workers (data parallel); results stay grouped
+    by prompt."""
     k = len(roles.rollouts)
     size = -(-len(prompts) // k)
-    parts = [prompts[i * size:(i + 1) * size] for i in range(k)]
-    refs = [(i, w.generate.remote([p.ids for p in part], params, _images(part)))
-            for i, (w, part) in enumerate(zip(roles.rollouts, parts)) if part]
+    parts = [slice(i * size, (i + 1) * size) for i in range(k)]
+    refs = [(i, w.generate.remote(prompts[part], params, _images(visions[part])))
+            for i, (w, part) in enumerate(zip(roles.rollouts, parts)) if prompts[part]]
     return [g for i, ref in refs for g in _get(ref, ROLLOUT.format(i))]
 
 
-def _images(prompts: list[Prompt]) -> list[VisionInputs | None] | None:
-    return [p.vision for p in prompts] if any(p.vision is not None for p in prompts) else None
+def _images(visions: list[VisionInputs | None]) -> list[VisionInputs | None] | None:
+    return visions if any(v is not None for v in visions) else None
 
 
 def sync_weights(roles: Roles) -> None:
@@ -99,7 +105,8 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
                             top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                             stop=cfg.rollout.stop, seed=cfg.seed * 1_000_003 + step)
     with timer.phase("gen"):
-        gens = generate(roles, prompts, params)  # [B*n], grouped by prompt
+        visions = [p.vision() for p in prompts]
+        gens = generate(roles, [p.ids for p in prompts], params, visions)  # [B*n], grouped by prompt
     with timer.phase("score"):
         owners = [p for p in prompts for _ in range(n)]
         scored = pool.score([ScoreItem(g.text, p.sample.answer, p.sample.reward_fields()) for g, p in zip(gens, owners)])
@@ -113,7 +120,7 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
     metrics["grpo/kept_groups"] = float(keep.sum())
     if rows:
         batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
-        batch = with_vision(batch, [owners[i].vision for i in rows]).with_(advantages=advantages.flatten()[rows])
+        batch = with_vision(batch, [visions[i // n] for i in rows]).with_(advantages=advantages.flatten()[rows])
         if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
             truncated = torch.tensor([gens[i].finish_reason == "length" for i in rows])
             batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))

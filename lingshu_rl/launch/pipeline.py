@@ -69,9 +69,10 @@ def grpo_stage(run: Run, policy: str) -> str | None:
     if image_processor is None and (with_images := [s.id for s in run.train_samples if s.images]):
         raise DataError(f"{len(with_images)} training sample(s) have images (first: {with_images[0]!r}) but the "
                          f"model {policy} has no vision tower")
-    # images are decoded and preprocessed once, up front (memory grows with the data set's pixels)
-    prompts = [Prompt(s, *encode_prompt_with_images(tokenizer, image_processor, s, cfg.data.max_prompt_tokens))
-               for s in run.train_samples]
+    # every prompt is encoded up front (its length with image tokens is checked now); pixels are kept only
+    # while their prompt is in use (Prompt.vision)
+    prompts = [Prompt(s, encode_prompt_with_images(tokenizer, image_processor, s, cfg.data.max_prompt_tokens)[0],
+                      image_processor if s.images else None) for s in run.train_samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_step = int(run.resume.name.split("_")[-1]) if run.resume else None
     telemetry = Telemetry(run.output_dir, redact(to_dict(cfg)), cfg.logging.wandb, cfg.logging.ray_metrics,
