@@ -70,7 +70,7 @@ class EchoEngine:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, images=None):
         from lingshu_rl.rollout.protocol import Generation
 
         self.batches.append([len(p) for p in prompts])
