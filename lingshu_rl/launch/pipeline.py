@@ -68,7 +68,7 @@ def grpo_stage(run: Run, policy: str) -> str | None:
     image_processor = load_image_processor(policy, cfg.model.trust_remote_code)  # None: a text-only model
     if image_processor is None and (with_images := [s.id for s in run.train_samples if s.images]):
         raise DataError(f"{len(with_images)} training sample(s) have images (first: {with_images[0]!r}) but the "
-                         f"model {policy} has no vision tower")
+                        f"model {policy} has no vision tower")
     # every prompt is encoded up front (its length with image tokens is checked now); pixels are kept only
     # while their prompt is in use (Prompt.vision)
     prompts = [Prompt(s, encode_prompt_with_images(tokenizer, image_processor, s, cfg.data.max_prompt_tokens)[0],
