@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lingshu_rl.data.sample import TASK_KINDS, Sample
+from lingshu_rl.telemetry.jsonl import list_problems, numbered_lines
 
 _KNOWN = {"id", "messages", "prompt", "system", "answer", "options", "task", "images", "source", "target"}
 
@@ -77,16 +78,8 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
         return [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    out: list[tuple[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"line {line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                out.append((f"line {line_no}", ValueError(f"not valid JSON ({err.msg} at column {err.colno})")))
-    return out
+    return [(f"line {line_no}", ValueError(f"not valid JSON ({row.msg} at column {row.colno})")
+             if isinstance(row, json.JSONDecodeError) else row) for line_no, row in numbered_lines(path)]
 
 
 def read_samples(path: str | Path, skip_missing_images: bool = False) -> list[Sample]:
@@ -104,8 +97,7 @@ def read_samples(path: str | Path, skip_missing_images: bool = False) -> list[Sa
         except ValueError as err:
             problems.append(f"{where}: {err}")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise DataError(f"{path}: {len(problems)} malformed row(s):\n  " + "\n  ".join(shown))
+        raise DataError(f"{path}: {len(problems)} malformed row(s):" + list_problems(problems))
     samples = _check_images(path, samples, skip_missing_images)
     if not samples:
         raise DataError(f"{path}: no samples")
@@ -126,6 +118,5 @@ def _check_images(path: Path, samples: list[Sample], skip: bool) -> list[Sample]
               f"(first: {next(iter(missing))!r}: {next(iter(missing.values()))[0]})", flush=True)
         return [s for s in samples if s.id not in missing]
     lines = [f"sample {sample_id!r}: image not found: {', '.join(paths)}" for sample_id, paths in missing.items()]
-    shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
     raise DataError(f"{path}: {len(missing)} sample(s) with missing images (set skip_missing_images to leave them "
-                    "out):\n  " + "\n  ".join(shown))
+                    "out):" + list_problems(lines))

@@ -22,6 +22,7 @@ from typing import Any
 from lingshu_rl.eval.items import EvalItem
 from lingshu_rl.eval.metrics import corpus_bleu, report_tokens, wilson_interval
 from lingshu_rl.eval.scoring import ItemScore
+from lingshu_rl.telemetry.jsonl import list_problems, numbered_lines
 
 
 class PredictionsError(ValueError):
@@ -32,26 +33,20 @@ def load_predictions(path: Path) -> dict[str, str]:
     """``id -> response`` from a JSONL file of ``{"id", "response"}`` rows (ids compared as strings)."""
     predictions: dict[str, str] = {}
     problems = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"line {line_no}: not valid JSON ({err.msg})")
-                continue
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("response"), str):
-                problems.append(f"line {line_no}: expected an object with 'id' and a string 'response'")
-                continue
-            key = str(row["id"])
-            if key in predictions:
-                problems.append(f"line {line_no}: id {key!r} repeated")
-                continue
-            predictions[key] = row["response"]
+    for line_no, row in numbered_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            problems.append(f"line {line_no}: not valid JSON ({row.msg})")
+            continue
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("response"), str):
+            problems.append(f"line {line_no}: expected an object with 'id' and a string 'response'")
+            continue
+        key = str(row["id"])
+        if key in predictions:
+            problems.append(f"line {line_no}: id {key!r} repeated")
+            continue
+        predictions[key] = row["response"]
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise PredictionsError(f"{path}: {len(problems)} bad line(s), nothing was scored:\n  " + "\n  ".join(shown))
+        raise PredictionsError(f"{path}: {len(problems)} bad line(s), nothing was scored:" + list_problems(problems))
     return predictions
 
 

@@ -127,6 +127,17 @@ def make_tiny_config(tokenizer, **overrides: Any):
         use_sliding_window=False, **settings)
 
 
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Save ``tokenizer`` so that transformers 4.x and 5.x both load it, its chat template also inline."""
+    tokenizer.save_pretrained(out)
+    # name the generic fast class (transformers 5 writes its internal "TokenizersBackend"; 4.x lacks it)
+    tok_config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config.setdefault("chat_template", tokenizer.chat_template)  # for readers that ignore the .jinja
+    tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
 def _write_model(out: Path, seed: int) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
@@ -140,13 +151,7 @@ def _write_model(out: Path, seed: int) -> None:
         eos_token_id=[config.eos_token_id, config.pad_token_id], pad_token_id=config.pad_token_id,
         max_new_tokens=32)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    # name the generic fast class (transformers 5 writes its internal "TokenizersBackend"; 4.x lacks it)
-    tok_config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text())
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_config.setdefault("chat_template", CHAT_TEMPLATE)  # also inline, for readers that ignore the .jinja
-    tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+    save_tokenizer(tokenizer, out)
     (out / "lingshu_tiny.json").write_text(json.dumps(
         {"seed": seed, "hash": tiny_model_hash(seed), "demo_version": DEMO_VERSION, "tiny_version": TINY_VERSION,
          "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")

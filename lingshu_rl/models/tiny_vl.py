@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from lingshu_rl.models.tiny import (
-    EOS_TOKEN, IM_END, MODEL_SETTINGS, build_once, default_cache_dir, tiny_model_hash, train_tiny_tokenizer)
+    EOS_TOKEN, IM_END, MODEL_SETTINGS, build_once, default_cache_dir, save_tokenizer, tiny_model_hash,
+    train_tiny_tokenizer)
 
 TINY_VL_VERSION = 1  # bump when this builder's output changes
 
@@ -152,12 +153,7 @@ def _write_model(out: Path, seed: int) -> None:
     eos, pad = config.text_config.eos_token_id, config.text_config.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, max_new_tokens=32)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    tok_config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text())
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # as the text model (tiny.py)
-    tok_config.setdefault("chat_template", CHAT_TEMPLATE)
-    tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+    save_tokenizer(tokenizer, out)
     # The processor's files are written directly: without torchvision a Qwen2_5_VLProcessor cannot be
     # constructed to save itself (module docstring). min/max_pixels are also written under their old names,
     # which transformers 4.x reads.

@@ -15,6 +15,7 @@ from typing import Any
 
 from lingshu_rl.rewards.combine import build_reward, parse_reward_arg
 from lingshu_rl.rewards.pool import RewardPool, items_from_rows
+from lingshu_rl.telemetry.jsonl import list_problems, numbered_lines
 
 
 class MalformedInput(ValueError):
@@ -24,29 +25,23 @@ class MalformedInput(ValueError):
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Read and validate every row; raise one error naming every malformed line."""
     rows, problems = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"line {line_no}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"line {line_no}: expected a JSON object, got {type(row).__name__}")
-                continue
-            missing = [key for key in ("response", "answer") if key not in row]
-            if missing:
-                problems.append(f"line {line_no}: missing {' and '.join(repr(k) for k in missing)}")
-                continue
-            if row.get("options") is not None and not isinstance(row["options"], dict):
-                problems.append(f"line {line_no}: 'options' must be an object letter -> text")
-                continue
-            rows.append(row)
+    for line_no, row in numbered_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            problems.append(f"line {line_no}: not valid JSON ({row.msg} at column {row.colno})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"line {line_no}: expected a JSON object, got {type(row).__name__}")
+            continue
+        missing = [key for key in ("response", "answer") if key not in row]
+        if missing:
+            problems.append(f"line {line_no}: missing {' and '.join(repr(k) for k in missing)}")
+            continue
+        if row.get("options") is not None and not isinstance(row["options"], dict):
+            problems.append(f"line {line_no}: 'options' must be an object letter -> text")
+            continue
+        rows.append(row)
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise MalformedInput(f"{path}: {len(problems)} malformed row(s), nothing was scored:\n  " + "\n  ".join(shown))
+        raise MalformedInput(f"{path}: {len(problems)} malformed row(s), nothing was scored:" + list_problems(problems))
     return rows
 
 

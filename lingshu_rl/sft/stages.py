@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, SFTStageConfig
 from lingshu_rl.data.readers import DataError
-from lingshu_rl.data.vision import VisionInputs, encode_conversation_with_images, load_image_processor
+from lingshu_rl.data.vision import VisionInputs, encode_conversation_with_images, load_image_processor, vision_inputs
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.placement import start_policy_worker
 from lingshu_rl.sft.data import plan_steps, read_source
@@ -75,15 +75,22 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
     image_processor = load_image_processor(input_model, cfg.model.trust_remote_code)  # None: a text-only model
     sources = [read_source(source, cfg.seed) for source in stage.data]
     plan = plan_steps(stage, sources, cfg.seed)
-    encoded: dict[int, Encoded] = {}  # by object identity: ids may repeat across sources
+    # token ids by sample object (ids may repeat across sources); pixels are not kept: a step prepares the
+    # images of the samples it draws, so a data set's pixels need not fit in memory
+    encoded: dict[int, tuple[list[int], list[int]]] = {}
 
     def rows(samples: list) -> list[Encoded]:
+        out = []
         for s in samples:
-            if id(s) not in encoded:
-                if s.images and image_processor is None:
-                    raise DataError(f"sample {s.id!r} has images but the model {input_model} has no vision tower")
-                encoded[id(s)] = encode_conversation_with_images(tokenizer, image_processor, s, stage.max_length)
-        return [encoded[id(s)] for s in samples]
+            if s.images and image_processor is None:
+                raise DataError(f"sample {s.id!r} has images but the model {input_model} has no vision tower")
+            if id(s) in encoded:
+                out.append((*encoded[id(s)], vision_inputs(image_processor, s)))
+            else:
+                ids, mask, vision = encode_conversation_with_images(tokenizer, image_processor, s, stage.max_length)
+                encoded[id(s)] = (ids, mask)
+                out.append((ids, mask, vision))
+        return out
 
     train_cfg = dataclasses.replace(cfg.train, lr=stage.lr, lr_groups=stage.lr_groups, freeze=stage.freeze,
                                     schedule=stage.schedule, warmup_steps=stage.warmup_steps,

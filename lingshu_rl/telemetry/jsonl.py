@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,25 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(value.item())
     except (AttributeError, TypeError, ValueError):
         return str(value)
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of a JSON-lines file; a line that is not valid
+    JSON gives its ``json.JSONDecodeError`` as the value, so a reader can report every bad line at once."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield line_no, err
+
+
+def list_problems(problems: list[str], most: int = 20) -> str:
+    """The first ``most`` problems, one per indented line, and how many more there are."""
+    shown = problems[:most] + ([f"... and {len(problems) - most} more"] if len(problems) > most else [])
+    return "\n  " + "\n  ".join(shown)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

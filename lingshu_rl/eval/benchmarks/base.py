@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lingshu_rl.rewards.normalize import normalize_text
+from lingshu_rl.telemetry.jsonl import numbered_lines
 
 # Gold answers that make a VQA item a yes/no ("closed") question; 有/没有/包含 stay open (not a yes/no reply).
 _YES_NO_GOLD = frozenset({"yes", "no", "是", "是的", "否", "不是"})
@@ -26,17 +27,12 @@ def read_json(path: Path) -> Any:
 def read_json_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a JSON-lines file."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise BenchmarkError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((line_no, row))
+    for line_no, row in numbered_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            raise BenchmarkError(f"{path}:{line_no}: not valid JSON ({row.msg})")
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{path}:{line_no}: expected a JSON object")
+        rows.append((line_no, row))
     return rows
 
 
