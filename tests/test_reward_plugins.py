@@ -126,7 +126,9 @@ def test_lingshu_reward_loaded_by_verls_own_loader(tmp_path: Path) -> None:
         from lingshu_rl.rewards.adapters import to_verl
         compute_score = to_verl("0.5*format + 1.0*mcq_exact")
     """)
-    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": str(path), "name": "compute_score"}}})
+    custom = {"path": str(path), "name": "compute_score"}
+    # verl 0.4 reads `custom_reward_function` at the top level, newer releases under `reward`
+    config = OmegaConf.create({"custom_reward_function": custom, "reward": {"custom_reward_function": custom}})
     compute_score = get_custom_reward_fn(config)
     # keyword call, exactly as verl's NaiveRewardManager makes it
     out = compute_score(data_source="medqa", solution_str="<think>x</think><answer>B</answer>", ground_truth="B",

@@ -7,8 +7,8 @@
         [--limit 50] [--text-only] --output-dir OUT
     python -m lingshu_rl.eval compare --results base=A/ --results grpo=B/ --output-dir OUT
 
-``DATA`` is a benchmark's folder or a root with one folder per benchmark (the shared-data layout; see
-``list``). ``score`` reads ``{"id", "response"}`` rows and prints the overall accuracy as its last line.
+``DATA`` is a benchmark's folder or a root with one folder per benchmark (folder names as
+printed by ``list``). ``score`` reads ``{"id", "response"}`` rows and prints the overall accuracy as its last line.
 """
 
 from __future__ import annotations

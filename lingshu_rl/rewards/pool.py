@@ -22,6 +22,7 @@ from typing import Any
 import cloudpickle
 
 from lingshu_rl.rewards.base import RewardFn, RewardResult, RewardValueError, call_reward
+from lingshu_rl.rewards.registry import user_reward_files
 
 
 @dataclass
@@ -85,6 +86,7 @@ class _Worker:
         os.close(from_child_w)
         self.sender = Connection(to_child_w, readable=False)
         self.conn = Connection(from_child_r, writable=False)
+        self.sender.send(user_reward_files())
         self.sender.send_bytes(reward_bytes)
         self.ready = False
         self.task: int | None = None
@@ -131,6 +133,7 @@ class RewardPool:
         self.reward, self.num_workers, self.timeout_s, self.failure_score = reward, num_workers, timeout_s, failure_score
         self._workers: list[_Worker] = []
         if num_workers:
+            # reward files travel as paths and are loaded by the worker first: their code is pickled by reference
             self._reward_bytes = cloudpickle.dumps(reward)
             self._workers = [_Worker(self._reward_bytes) for _ in range(num_workers)]
 

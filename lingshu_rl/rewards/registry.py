@@ -11,18 +11,21 @@ TRL (``f(prompts, completions, **columns)``) is recognised by its signature and 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
 from importlib import metadata
 from pathlib import Path
-
-import cloudpickle
+from types import ModuleType
 
 from lingshu_rl.rewards.base import RewardFn
 
 ENTRY_POINT_GROUP = "lingshu_rl.rewards"
 _BUILTINS: dict[str, RewardFn] = {}
+# Rewards loaded from a file live in a module of a made-up name; scoring workers load the same files under the
+# same names first, so a reward is pickled by reference and its tracebacks name the user's file and line.
+_USER_FILES: dict[str, str] = {}
 
 
 class RewardResolutionError(LookupError):
@@ -60,19 +63,41 @@ def _from_module(ref: str) -> RewardFn:
     return getattr(module, attr)
 
 
+def _load_file_module(module_name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
 def _from_file(ref: str) -> RewardFn:
     path_str, _, attr = ref.rpartition(":")
     path = Path(path_str).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    module_name = f"lingshu_rl_user_reward_{abs(hash(str(path)))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)  # worker processes cannot import a file by its made-up name
+    module_name = "lingshu_rl_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    module = sys.modules.get(module_name) or _load_file_module(module_name, path)
+    _USER_FILES[module_name] = str(path)
     return getattr(module, attr)
+
+
+def user_reward_files() -> dict[str, str]:
+    """Module name -> path of every reward file loaded in this process (for :func:`load_user_reward_files`)."""
+    return dict(_USER_FILES)
+
+
+def load_user_reward_files(files: dict[str, str]) -> None:
+    """Load reward files under the module names another process gave them (a scoring worker, before unpickling)."""
+    for module_name, path in files.items():
+        if module_name not in sys.modules:
+            _load_file_module(module_name, Path(path))
+        _USER_FILES[module_name] = path
 
 
 def resolve_reward(ref: str) -> RewardFn:

@@ -1,7 +1,7 @@
 """The benchmark registry: a name -> its reader, where its files live and its documented item count.
 
 ``--data-dir DIR`` is either the folder holding a benchmark's files or a root holding one folder per benchmark
-named as in the shared data (``DIR/medqa_usmle_4opt/``, ``DIR/vqa_rad/`` ...; :attr:`Benchmark.folder`), so one
+named as the benchmark registry says (``DIR/medqa_usmle_4opt/``, ``DIR/vqa_rad/`` ...; :attr:`Benchmark.folder`), so one
 root serves ``--benchmark medqa,vqa_rad``. Image paths of the items are made relative to ``DIR``.
 """
 

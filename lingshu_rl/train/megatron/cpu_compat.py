@@ -1,7 +1,7 @@
 """Every accommodation megatron-core 0.16.1 needs to run on CPU (gloo), in one place. Applied only without a GPU.
 
-megatron-core calls CUDA unconditionally in a few places that a CPU run reaches (measured, see
-../shared/notes/cpu-backends.md):
+megatron-core calls CUDA unconditionally in a few places that a CPU run reaches (measured on CPU with
+megatron-core 0.16.1 and torch 2.13):
   1. ``torch.cuda.current_device()`` as the device of fresh tensors: the rotary-embedding frequencies, the
      global memory buffer of local dot-product attention, gathers in tensor_parallel/mappings.py. Without CUDA
      that call raises, so it is redirected to return ``"cpu"``.
