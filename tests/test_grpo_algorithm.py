@@ -26,6 +26,51 @@ def test_group_advantages_by_hand() -> None:
         group_advantages(rewards, "bogus")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_groups_of_equal_rewards_get_exactly_zero_advantage(dtype: torch.dtype, scale: str) -> None:
+    # float32: eight 0.1s have a mean off by 9e-9 and a std of 8e-9; divided by (std + 1e-6), that noise used to
+    # become +-0.0075 for every sample of the group (the same computation as verl's)
+    for value, other in ((0.1, 0.6), (0.6, 0.1), (1 / 3, 0.7), (0.7, 1 / 3)):
+        rewards = torch.full((3, 8), value, dtype=dtype)
+        rewards[1] = other
+        rewards[2, :4] = 0.3 * value  # a real group: it keeps its signal
+        adv = group_advantages(rewards, scale)
+        assert adv.dtype == dtype
+        assert adv[:2].eq(0).all(), (value, adv[:2])
+        assert informative_groups(rewards).tolist() == [False, False, True]
+        spread = value - 0.3 * value  # half the group at 0.3 v, half at v: centred +-spread/2
+        expected = {"none": spread / 2, "group": (spread / 2) / (rewards[2].double().std().item() + 1e-6),
+                    "batch": (spread / 2) / (rewards.double().std().item() + 1e-6)}[scale]
+        assert adv[2, 4:].tolist() == pytest.approx([expected] * 4, rel=1e-6)
+        assert adv[2, :4].tolist() == pytest.approx([-expected] * 4, rel=1e-6)
+
+
+def test_equal_within_relative_tolerance_only() -> None:
+    rewards = torch.tensor([[0.1] * 7 + [0.1 + 1e-9], [0.5] * 7 + [0.5001]], dtype=torch.float64)
+    assert informative_groups(rewards).tolist() == [False, True]  # float noise vs. a real (small) difference
+    assert group_advantages(rewards)[0].eq(0).all() and group_advantages(rewards)[1].abs().max() > 1
+
+
+def test_update_on_groups_of_equal_rewards_has_no_gradient(tmp_path) -> None:
+    from lingshu_rl.config import ModelConfig, TrainConfig
+    from lingshu_rl.models.tiny import build_tiny_model
+    from lingshu_rl.train.torch_engine import TorchEngine
+
+    engine = TorchEngine(str(build_tiny_model(cache_dir=tmp_path)), ModelConfig(),
+                         TrainConfig(lr=1e-3, micro_batch_size=4, device="cpu"), total_steps=2)
+    before = {k: v.clone() for k, v in engine.weights().items()}
+    rewards = torch.full((2, 8), 0.1)  # two groups of 0.1 and 0.6: as a weighted "0.1 + 0.5*format" gives
+    rewards[1] = 0.6
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 100, (5,), generator=gen).tolist() for _ in range(16)]
+    responses = [torch.randint(3, 100, (6,), generator=gen).tolist() for _ in range(16)]
+    batch = collate(prompts, responses, pad_id=0).with_(advantages=group_advantages(rewards).flatten())
+    metrics = engine.update(batch, GRPOLoss())
+    assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/pg_loss"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in engine.weights().items())
+
+
 def test_kl_estimators_by_hand() -> None:
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     # log r = logp - ref = [0.5, -1.0]
@@ -104,6 +149,8 @@ def test_matches_verl_grpo_advantage() -> None:
     core = pytest.importorskip("verl.trainer.ppo.core_algos")
     import numpy as np
 
+    # 0/1 rewards only: there verl is right. On equal groups of non-dyadic rewards (0.1, 1/3) verl's float32
+    # mean/std noise gives small one-signed advantages where ours are exactly 0 (see group_advantages).
     torch.manual_seed(0)
     rewards = torch.randint(0, 2, (6, 4)).float()
     rewards[0] = 1.0  # one all-equal group

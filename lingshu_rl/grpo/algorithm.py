@@ -10,26 +10,44 @@ import torch
 from torch import Tensor
 
 
+EQUAL_REWARD_RTOL = 1e-6  # rewards closer than this (relative to max(1, |reward|)) count as equal
+
+
+def equal_reward_groups(rewards: Tensor, rtol: float = EQUAL_REWARD_RTOL) -> Tensor:
+    """A ``[B]`` bool mask of groups ``[B, n]`` whose rewards are all equal, up to float noise.
+
+    Eight float32 0.1s have a mean off by ~1e-9 and a std of ~1e-8 instead of 0; with a plain ``max > min``
+    test such a group looks informative and its noise, divided by that std, becomes a one-signed advantage.
+    """
+    r = rewards.double()
+    spread = r.max(dim=1).values - r.min(dim=1).values
+    return spread <= rtol * r.abs().max(dim=1).values.clamp(min=1.0)
+
+
 def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
-    """Group-normalised advantages from outcome rewards ``[B, n]`` -> ``[B, n]``.
+    """Group-normalised advantages from outcome rewards ``[B, n]`` -> ``[B, n]`` (same dtype).
 
     ``group``: (r - group mean) / (group std + eps)   (GRPO; std with Bessel's correction, as verl)
     ``batch``: (r - group mean) / (batch std + eps)
     ``none``:  r - group mean                          (Dr. GRPO: no std scaling)
+    Computed in float64, and a group whose rewards are all equal (:func:`equal_reward_groups`) gets exactly 0
+    in every mode: float noise in its mean and std is never amplified into a signal. verl computes the
+    float32 formula as written and gives such groups small advantages of one sign (e.g. +-0.0075 for 0.1s).
     """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
+    r = rewards.double()
+    advantages = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
-        return centred / (rewards.std(dim=1, keepdim=True) + eps)
-    if scale == "batch":
-        return centred / (rewards.std() + eps)
-    if scale == "none":
-        return centred
-    raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = advantages / (r.std() + eps)
+    return advantages.masked_fill(equal_reward_groups(r).unsqueeze(1), 0.0).to(rewards.dtype)
 
 
 def informative_groups(rewards: Tensor) -> Tensor:
     """Dynamic sampling (DAPO): a ``[B]`` bool mask of groups whose rewards are not all equal."""
-    return (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0
+    return ~equal_reward_groups(rewards)
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
