@@ -153,9 +153,10 @@ class ClusterConfig:
     ref_cpus: float = 1.0
     ref_gpus: float = 0.0
     dashboard_host: str = "127.0.0.1"  # never exposed beyond this machine unless you set it
-    dashboard_port: int = 8265
+    dashboard_port: int = 8265  # taken (another Ray): a free port is used and printed
     include_dashboard: bool = True
     metrics_export_port: int | None = None  # Prometheus endpoint of Ray's metrics agent (None: Ray picks)
+    placement_timeout_s: float = 120.0  # a role's placement group not placed by then stops the run, naming it
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""All Ray placement: starting or joining the cluster, placement groups, and the named role actors.
+"""All Ray placement: the layout of the roles, its check against the cluster, placement groups, named actors.
 
 Colocated (one machine, the default): the roles share one placement-group bundle (one device) and each
 gets a fraction of it. Not colocated (a cluster): each role gets its own placement group, with one bundle
@@ -7,12 +7,16 @@ per rollout worker, sized by the ``cluster.*_cpus`` / ``*_gpus`` settings.
 With ``train.engine: megatron`` the actor (and the reference) is a group of ``train.tensor_parallel_size`` rank
 actors (:class:`~lingshu_rl.train.megatron.group.MegatronGroup`, driven like one worker): colocated, the ranks
 split the role's share; not colocated, the role's placement group has one ``actor_*``/``ref_*``-sized bundle
-per rank (give each ``actor_gpus: 1``).
+per rank (give each ``actor_gpus: 1``), packed STRICT_PACK on one node.
+
+A layout the cluster cannot hold stops before any actor starts (:func:`check_fits`), and a group Ray does not
+place within ``cluster.placement_timeout_s`` stops with the role it waits for: never a silent hang.
 """
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,23 +26,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lingshu_rl.config import ClusterConfig, RunConfig
 from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
-from lingshu_rl.telemetry import ray_init_options
 from lingshu_rl.train.megatron.group import MegatronGroup, kill_policy, terminate_policy
 
 ACTOR, ROLLOUT, REF = "lingshu/actor-0", "lingshu/rollout-{}", "lingshu/ref-0"
-
-
-def start_ray(cfg: ClusterConfig, namespace: str) -> dict[str, Any]:
-    """Join ``cfg.address`` or start a local cluster whose dashboard listens on ``cfg.dashboard_host`` only."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
-    if cfg.address:
-        context = ray.init(address=cfg.address, namespace=namespace, runtime_env=env, log_to_driver=True)
-    else:
-        context = ray.init(num_cpus=cfg.num_cpus, namespace=namespace, runtime_env=env,
-                           **ray_init_options(cfg.dashboard_host, cfg.dashboard_port, cfg.metrics_export_port,
-                                              cfg.include_dashboard))
-    return {"dashboard_url": getattr(context, "dashboard_url", None)}
 
 
 @dataclass
@@ -69,37 +59,134 @@ def _threads(cfg: ClusterConfig, cpus: float) -> int:
     return max(1, int(cpus))
 
 
+class PlacementError(RuntimeError):
+    """The role layout cannot be placed on this cluster (or was not placed in time); the message says why."""
+
+
+@dataclass
+class GroupRequest:
+    """One placement group the layout asks for."""
+
+    role: str  # "actor", "rollout", "ref", or "actor+rollout+ref" when colocated
+    bundles: list[dict[str, float]]
+    strategy: str  # "PACK" or "STRICT_PACK" (all bundles on one node)
+
+    def describe(self) -> str:
+        kinds = sorted({_fmt(b) for b in self.bundles})
+        return f"{self.role}: {len(self.bundles)} bundle(s) of {' / '.join(kinds)} ({self.strategy})"
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _policy_ranks(cfg: RunConfig) -> int:
+    return cfg.train.tensor_parallel_size if cfg.train.engine == "megatron" else 1
+
+
+def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
+    """The placement groups GRPO's roles ask for (checked by :func:`check_fits`, created by :func:`create_roles`)."""
+    c = cfg.cluster
+
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:  # Ray refuses a bundle of zeros: keep a sliver
+        return {"CPU": cpus if cpus or gpus else 1e-3, **({"GPU": gpus} if gpus else {})}
+
+    if c.colocate:
+        return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""), [bundle(c.actor_cpus, c.actor_gpus)],
+                             "PACK")]
+    tp = _policy_ranks(cfg)
+    ranks_strategy = "STRICT_PACK" if tp > 1 else "PACK"  # a tensor-parallel group talks every layer: one node
+    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus)] * tp, ranks_strategy),
+                GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus)] * cfg.rollout.num_workers, "PACK")]
+    if with_ref:
+        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus)] * tp, ranks_strategy))
+    return requests
+
+
+def _node_resources() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v > 0)
+
+
+def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = defaultdict(float)
+    for b in bundles:
+        for k, v in b.items():
+            total[k] += v
+    return dict(total)
+
+
+def check_fits(requests: list[GroupRequest], reward_workers: int = 0) -> None:
+    """Raise :class:`PlacementError` if the cluster cannot hold ``requests`` at all: the resources in total, each
+    bundle on some node, each STRICT_PACK group on one node. (Whether they are free now is :func:`wait_placed`'s.)"""
+    nodes = _node_resources()
+    keys = sorted({k for r in requests for b in r.bundles for k in b})
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in keys}
+    problems = []
+    for key, amount in _sum([b for r in requests for b in r.bundles]).items():
+        if amount > totals[key] + 1e-9:
+            problems.append(f"{key}: the layout asks for {amount:g} in all, the cluster has {totals[key]:g}")
+    for r in requests:
+        if r.strategy == "STRICT_PACK" and not any(_fits(_sum(r.bundles), n) for n in nodes):
+            problems.append(f"{r.role}: its {len(r.bundles)} ranks ({_fmt(_sum(r.bundles))}) must share one node "
+                            "(STRICT_PACK) and no node has that much")
+        elif unplaceable := [b for b in r.bundles if not any(_fits(b, n) for n in nodes)]:
+            problems.append(f"{r.role}: no node can hold a bundle of {_fmt(unplaceable[0])}")
+    if not problems:
+        return
+    per_node = "\n".join(f"    node {i}: {_fmt({k: n.get(k, 0.0) for k in keys})}" for i, n in enumerate(nodes))
+    raise PlacementError(
+        "this cluster cannot place the GRPO roles:\n  - " + "\n  - ".join(problems)
+        + "\n  requested:\n" + "".join(f"    {r.describe()}\n" for r in requests)
+        + (f"    reward scoring: {reward_workers} process(es) beside the driver (not Ray resources)\n"
+           if reward_workers else "")
+        + f"  cluster: {_fmt(totals)} on {len(nodes)} node(s):\n{per_node}\n"
+        + "  change: cluster.colocate=true (one shared bundle), the cluster.{actor,rollout,ref}_{cpus,gpus} sizes, "
+          "rollout.num_workers, train.tensor_parallel_size; or give the cluster more (cluster.num_cpus for a "
+          "local one, more nodes for a real one)")
+
+
+def wait_placed(groups: list[PlacementGroup], requests: list[GroupRequest], timeout_s: float) -> None:
+    """Wait until Ray has placed every group; past ``timeout_s`` remove them all and name what is pending."""
+    ready = {g.ready(): r for g, r in zip(groups, requests)}
+    _, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
+    if not pending:
+        return
+    for group in groups:
+        remove_placement_group(group)
+    waiting = "\n".join(f"    {ready[ref].describe()}" for ref in pending)
+    raise PlacementError(
+        f"Ray did not place these roles within {timeout_s:g} s (cluster.placement_timeout_s):\n{waiting}\n"
+        f"  free now: {_fmt({k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')})}; "
+        "the cluster has room on paper, so other actors or jobs probably hold the resources")
+
+
 def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_steps: int) -> Roles:
     """Start the actor and rollout workers from ``policy_path`` and, when ``ref_path`` is given, the frozen
     reference worker from it."""
     with_ref = ref_path is not None
     c = cfg.cluster
     num_rollouts = cfg.rollout.num_workers
-    role_count = 1 + num_rollouts + int(with_ref)
-    tp = cfg.train.tensor_parallel_size if cfg.train.engine == "megatron" else 1  # ranks per policy role
+    tp = _policy_ranks(cfg)
     if c.colocate and tp > 1 and c.actor_gpus:
         raise ValueError("train.tensor_parallel_size > 1 on GPUs needs cluster.colocate=false (one GPU per rank)")
+    requests = layout(cfg, with_ref)
+    check_fits(requests, cfg.reward.workers)
+    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
+    wait_placed(groups, requests, c.placement_timeout_s)
     if c.colocate:
-        bundle = {"CPU": max(c.actor_cpus, 1e-3), **({"GPU": c.actor_gpus} if c.actor_gpus else {})}
-        group = placement_group([bundle], strategy="PACK")
-        groups = [group]
-        share = {k: v / role_count for k, v in bundle.items()}
+        group, bundle = groups[0], requests[0].bundles[0]
+        share = {k: v / (1 + num_rollouts + int(with_ref)) for k, v in bundle.items()}
         slots = {"actor": (group, 0, share), "ref": (group, 0, share),
                  **{f"rollout{i}": (group, 0, share) for i in range(num_rollouts)}}
     else:
-        actor_g = placement_group([{"CPU": c.actor_cpus, **({"GPU": c.actor_gpus} if c.actor_gpus else {})}] * tp,
-                                  strategy="PACK")
-        rollout_bundle = {"CPU": c.rollout_cpus, **({"GPU": c.rollout_gpus} if c.rollout_gpus else {})}
-        rollout_g = placement_group([rollout_bundle] * num_rollouts, strategy="PACK")
-        groups = [actor_g, rollout_g]
-        slots = {"actor": (actor_g, 0, actor_g.bundle_specs[0]),
-                 **{f"rollout{i}": (rollout_g, i, rollout_bundle) for i in range(num_rollouts)}}
+        slots = {"actor": (groups[0], 0, requests[0].bundles[0]),
+                 **{f"rollout{i}": (groups[1], i, requests[1].bundles[i]) for i in range(num_rollouts)}}
         if with_ref:
-            ref_g = placement_group([{"CPU": c.ref_cpus, **({"GPU": c.ref_gpus} if c.ref_gpus else {})}] * tp,
-                                    strategy="PACK")
-            groups.append(ref_g)
-            slots["ref"] = (ref_g, 0, ref_g.bundle_specs[0])
-    ray.get([g.ready() for g in groups], timeout=600)
+            slots["ref"] = (groups[2], 0, requests[2].bundles[0])
 
     def options(slot: str, name: str) -> dict[str, Any]:
         group, index, resources = slots[slot]

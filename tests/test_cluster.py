@@ -1,0 +1,214 @@
+"""The launcher and Ray clusters: a layout that cannot be placed stops with a message (never a silent wait),
+the default command never joins someone else's cluster, and the README's job submission runs as written.
+
+Real Ray throughout: local clusters, a `ray start --head` head in its own process group, and a multi-node
+`ray.cluster_utils.Cluster` on this machine.
+"""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lingshu_rl.config import load_config
+from lingshu_rl.grpo.placement import PlacementError, check_fits, layout, wait_placed
+from lingshu_rl.launch.ray_cluster import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_RUN = ["sft.stages.0.steps=20", "sft.stages.0.batch_size=8", "grpo.steps=2", "grpo.prompts_per_step=2",
+            "rollout.n=2", "rollout.max_new_tokens=8", "eval.limit=4", "logging.wandb.mode=disabled",
+            "cluster.include_dashboard=false"]
+
+
+def launcher(out: Path, *sets: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", "mcq_exact", "--output-dir", str(out)]
+    for item in [*TINY_RUN, *sets]:
+        args += ["--set", item]
+    env = {**os.environ, "LINGSHU_CACHE": str(out.parent / "cache"), **(env or {})}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- layouts the cluster cannot place (a local cluster through the launcher) -------------------------------------
+
+def test_split_layout_on_two_cpus_stops_at_once_naming_each_role(tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = launcher(tmp_path / "split", "cluster.colocate=false", "cluster.num_cpus=2", timeout=120)
+    seconds = time.monotonic() - start
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    err = result.stderr
+    assert "cannot place the GRPO roles" in err and "CPU: the layout asks for 3 in all, the cluster has 2" in err
+    for role in ("actor: 1 bundle(s) of {CPU: 1}", "rollout: 1 bundle(s) of {CPU: 1}", "ref: 1 bundle(s)"):
+        assert role in err, err
+    assert "cluster.colocate=true" in err and "cluster.num_cpus" in err
+    assert "sft stage" not in result.stdout  # stopped before the SFT warm-up started any actor
+    assert seconds < 60, seconds
+
+
+def test_gpu_layout_on_a_cpu_only_cluster_stops(tmp_path: Path) -> None:
+    result = launcher(tmp_path / "gpu", "cluster.actor_gpus=1", timeout=120)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "GPU: the layout asks for 1 in all, the cluster has 0" in result.stderr
+    assert "actor+rollout+ref: 1 bundle(s) of {CPU: 1, GPU: 1}" in result.stderr
+
+
+# --- a multi-node cluster: a TP group that fits in total but not on one node; resources held by another job ---
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources={"node_a": 1})
+    cluster.add_node(num_cpus=1, resources={"node_b": 1})
+    ray.init(address=cluster.address, namespace="test-cluster-layouts")
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def megatron_split(tmp_path: Path, **cluster_sets: object):
+    sets = ["train.engine=megatron", "train.tensor_parallel_size=2", "cluster.colocate=false",
+            "cluster.rollout_cpus=0", "cluster.ref_cpus=0", "grpo.kl_coef=0"]
+    sets += [f"cluster.{k}={v}" for k, v in cluster_sets.items()]
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    return load_config(config, sets)
+
+
+def test_tensor_parallel_group_must_fit_on_one_node(two_nodes, tmp_path: Path) -> None:
+    cfg = megatron_split(tmp_path, actor_cpus=1)
+    requests = layout(cfg, with_ref=False)
+    assert [(r.role, r.strategy, len(r.bundles)) for r in requests] == [("actor", "STRICT_PACK", 2),
+                                                                         ("rollout", "PACK", 1)]
+    with pytest.raises(PlacementError) as err:
+        check_fits(requests)
+    message = str(err.value)
+    assert "actor: its 2 ranks ({CPU: 2}) must share one node (STRICT_PACK)" in message
+    assert "CPU: the layout asks" not in message  # 2 CPUs in all: the total fits, one node does not
+    assert message.count("node ") >= 3 and "{CPU: 1}" in message  # the head (0 CPUs) and both workers listed
+    check_fits(layout(megatron_split(tmp_path, actor_cpus=0.5), with_ref=False))  # half a CPU per rank fits
+
+
+def test_a_group_not_placed_in_time_names_the_waiting_role(two_nodes, tmp_path: Path) -> None:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    holder = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")  # another job holds both CPUs
+    ray.get(holder.ready(), timeout=60)
+    try:
+        requests = layout(megatron_split(tmp_path, actor_cpus=0.5), with_ref=False)
+        check_fits(requests)  # fits on paper
+        groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
+        start = time.monotonic()
+        with pytest.raises(PlacementError) as err:
+            wait_placed(groups, requests, timeout_s=3)
+        assert time.monotonic() - start < 20
+        assert "did not place these roles within 3 s" in str(err.value)
+        assert "actor: 2 bundle(s) of {CPU: 0.5} (STRICT_PACK)" in str(err.value)
+        assert "free now: {CPU: 0}" in str(err.value) or "free now: {}" in str(err.value)
+    finally:
+        remove_placement_group(holder)
+
+
+# --- an existing `ray start --head` cluster: the README's job submission, and a default launch beside it ---------
+
+def readme_commands() -> tuple[list[str], list[str], list[str]]:
+    """The `ray get-auth-token`, `ray start --head` and `ray job submit` lines of the README's "On an existing cluster" block."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### On an existing cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split(" #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert lines[0] == "export RAY_AUTH_MODE=token", lines
+    token, start, submit = (next(shlex.split(line) for line in lines if line.startswith(prefix))
+                            for prefix in ("ray get-auth-token", "ray start --head", "ray job submit"))
+    return token, start, submit
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("head")
+    ports = {name: free_port("127.0.0.1") for name in ("gcs", "dashboard", "client", "agent", "agent_grpc",
+                                                       "metrics", "runtime_env")}
+    env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "LINGSHU_CACHE": str(root / "cache"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    token_cmd, start, submit = readme_commands()
+    subprocess.run([str(BIN / "ray"), *token_cmd[1:]], env=env, check=True, capture_output=True, timeout=120)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), *start[1:], "--block", f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
+         f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--metrics-export-port={ports['metrics']}",
+         f"--runtime-env-agent-port={ports['runtime_env']}", f"--temp-dir={root / 'ray'}"],
+        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    token = root / "home" / ".ray" / "auth_token"
+    deadline = time.time() + 120
+    while not token.is_file() or not _port_open(ports["dashboard"]):
+        if head.poll() is not None or time.time() > deadline:
+            _kill_group(head.pid)
+            pytest.fail("ray start --head did not come up:\n" + head.communicate()[0][-3000:])
+        time.sleep(0.5)
+    yield {"root": root, "env": env, "ports": ports, "submit": submit, "token": token}
+    _kill_group(head.pid, signal.SIGTERM)  # the head and every Ray process it started share its process group
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _kill_group(head.pid)
+        head.wait()
+    _kill_group(head.pid)  # what SIGTERM left behind
+
+
+def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_readme_job_submission_runs_on_a_token_authenticated_head(ray_head) -> None:
+    out = ray_head["root"] / "job-run"
+    submit = [str(BIN / "ray")] + [
+        f"http://127.0.0.1:{ray_head['ports']['dashboard']}" if arg == "http://127.0.0.1:8265"
+        else str(out) if arg == "/shared/runs/grpo-1" else arg for arg in ray_head["submit"][1:]]
+    assert str(out) in submit and f"http://127.0.0.1:{ray_head['ports']['dashboard']}" in submit
+    for item in TINY_RUN + ["eval.limit=4"]:
+        submit += ["--set", item]
+    result = subprocess.run(submit, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-3000:]
+    assert "[lingshu] joined the Ray cluster at auto" in output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2]
+    # without the token mode in the submitting shell, Ray refuses: the README's `export` is needed
+    bare = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address",
+                              f"http://127.0.0.1:{ray_head['ports']['dashboard']}"],
+                             env=bare, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "AuthenticationError" in refused.stdout + refused.stderr
+
+
+def test_default_launch_beside_a_running_head_starts_its_own_cluster(ray_head, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{ray_head['ports']['gcs']}"
+    result = launcher(tmp_path / "own", env={"RAY_ADDRESS": address}, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[lingshu] started a local Ray cluster" in result.stdout
+    assert f"RAY_ADDRESS={address} is set but was not used: pass --ray-address {address}" in result.stdout
+    assert "Connecting to existing Ray cluster" not in result.stdout + result.stderr
