@@ -139,6 +139,12 @@ class RewardConfig:
     workers: int = 2  # reward processes (0: score in the driver, no timeouts)
     timeout_s: float = 30.0  # per sample
     failure_score: float = 0.0
+    # the sandbox of each reward process (0 turns a limit off); see lingshu_rl/rewards/sandbox.py
+    memory_limit_mb: int = 8192  # address space
+    cpu_limit_s: int = 120  # CPU seconds per sample
+    max_processes: int = 32  # processes a reward worker may have at once
+    file_limit_mb: int = 256  # largest file a reward may write (its printed output included)
+    env_allow: list[str] = field(default_factory=list)  # environment variables rewards may see (secrets are hidden)
 
 
 @dataclass

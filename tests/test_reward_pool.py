@@ -8,6 +8,7 @@ import pytest
 
 from lingshu_rl.rewards import resolve_reward
 from lingshu_rl.rewards.pool import RewardPool, ScoreItem
+from lingshu_rl.rewards.sandbox import Limits
 
 BAD_REWARDS = """
     import math, os, time
@@ -93,3 +94,129 @@ def test_invalid_settings() -> None:
         RewardPool(lambda r, a: 0.0, timeout_s=0)
     with pytest.raises(ValueError, match="num_workers"):
         RewardPool(lambda r, a: 0.0, num_workers=-1)
+
+
+# --- the sandbox: real misbehaving rewards ------------------------------------------------------------------------
+
+HOSTILE_REWARDS = """
+    import os, subprocess, sys, time
+
+    def grandchild(response, answer, **_):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+        with open(response, "w") as f:
+            f.write(str(child.pid))
+        if answer == "hang":
+            time.sleep(60)
+        return 1.0
+
+    def hog_memory(response, answer, **_):
+        if response == "hog":
+            block = bytearray(10 * 2**30)
+            return float(len(block))
+        return 1.0
+
+    def fork_bomb(response, answer, **_):
+        while True:
+            os.fork()
+
+    def secrets(response, answer, **_):
+        return {"score": 1.0, "wandb": float("WANDB_API_KEY" in os.environ), "hf": float("HF_TOKEN" in os.environ),
+                "listed": float(os.environ.get("MY_REWARD_KEY") == "k")}
+
+    def chatty(response, answer, **_):
+        sys.stdout.write("x" * (4 << 20))
+        sys.stdout.flush()
+        return 1.0
+
+    def burn_cpu(response, answer, **_):
+        while True:
+            pass
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "hostile_rewards.py"
+    path.write_text(textwrap.dedent(HOSTILE_REWARDS))
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_timeout_kills_the_rewards_grandchildren_too(hostile: Path, tmp_path: Path) -> None:
+    pid_files = [tmp_path / "hung.pid", tmp_path / "returned.pid"]
+    with RewardPool(resolve_reward(f"{hostile}:grandchild"), num_workers=2, timeout_s=3) as pool:
+        batch = pool.score([ScoreItem(str(pid_files[0]), "hang", {"id": "hung"}),
+                            ScoreItem(str(pid_files[1]), "ok", {"id": "returned"})])
+        assert [f.kind for f in batch.failures] == ["timeout"] and batch.scores[1] == 1.0
+        pids = [int(p.read_text()) for p in pid_files]
+        deadline = time.time() + 10
+        while any(alive(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        # the hung sample's worker was killed with its whole group; the one that returned left a process running,
+        # so its worker was replaced as well
+        assert not any(alive(pid) for pid in pids)
+        assert pool.score([ScoreItem(str(tmp_path / "again.pid"), "ok")]).scores == [1.0]
+
+
+def test_ten_gigabytes_fail_that_sample_and_the_driver_stays_small(hostile: Path) -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with RewardPool(resolve_reward(f"{hostile}:hog_memory"), num_workers=1, timeout_s=30) as pool:
+        batch = pool.score([ScoreItem("hog", "A", {"id": "hog"}), ScoreItem("fine", "A", {"id": "fine"})])
+    assert batch.scores == [0.0, 1.0]
+    assert batch.failures[0].kind == "error" and "MemoryError" in batch.failures[0].message
+    assert "hostile_rewards.py:" in batch.failures[0].message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: the driver never held it
+
+
+def test_a_fork_bomb_is_bounded(hostile: Path) -> None:
+    with RewardPool(resolve_reward(f"{hostile}:fork_bomb"), num_workers=1, timeout_s=20,
+                    limits=Limits(max_processes=16)) as pool:
+        start = time.monotonic()
+        batch = pool.score([ScoreItem("x", "A", {"id": "bomb"})])
+        assert time.monotonic() - start < 20
+        failure = batch.failures[0]
+        assert failure.kind == "error" and "Resource temporarily unavailable" in failure.message, failure
+    with RewardPool(resolve_reward("mcq_exact"), num_workers=1) as pool:  # the machine is fine afterwards
+        assert pool.score([ScoreItem("B", "B")]).scores == [1.0]
+
+
+def test_secrets_are_absent_unless_listed(hostile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "secret-wandb")
+    monkeypatch.setenv("HF_TOKEN", "secret-hf")
+    monkeypatch.setenv("MY_REWARD_KEY", "k")
+    with RewardPool(resolve_reward(f"{hostile}:secrets"), num_workers=1) as pool:
+        assert pool.score([ScoreItem("x", "A")]).results[0].details == {"wandb": 0.0, "hf": 0.0, "listed": 0.0}
+    with RewardPool(resolve_reward(f"{hostile}:secrets"), num_workers=1,
+                    limits=Limits(env_allow=("MY_REWARD_KEY",))) as pool:
+        assert pool.score([ScoreItem("x", "A")]).results[0].details == {"wandb": 0.0, "hf": 0.0, "listed": 1.0}
+
+
+def test_megabytes_on_stdout_go_to_the_log_not_the_console(hostile: Path, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "rewards.log"
+    with RewardPool(resolve_reward(f"{hostile}:chatty"), num_workers=2, log_path=log) as pool:
+        assert pool.score([ScoreItem("x", "A")] * 3).scores == [1.0] * 3
+    assert log.stat().st_size == 3 * (4 << 20)
+    assert len(capfd.readouterr().out) < 1000
+    with RewardPool(resolve_reward(f"{hostile}:chatty"), num_workers=1, log_path=log,
+                    limits=Limits(file_mb=6)) as pool:  # the log counts against the file-size limit
+        batch = pool.score([ScoreItem("x", "A", {"id": "flood"})])
+    assert batch.failures and "File too large" in batch.failures[0].message  # EFBIG: Python ignores SIGXFSZ
+
+
+def test_cpu_seconds_per_sample_are_bounded(hostile: Path) -> None:
+    with RewardPool(resolve_reward(f"{hostile}:burn_cpu"), num_workers=1, timeout_s=60,
+                    limits=Limits(cpu_s_per_sample=2)) as pool:
+        start = time.monotonic()
+        batch = pool.score([ScoreItem("x", "A", {"id": "burn"})])
+    assert time.monotonic() - start < 20
+    assert batch.failures[0].kind == "crash" and "more than 2 CPU seconds" in batch.failures[0].message

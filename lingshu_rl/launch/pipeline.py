@@ -13,12 +13,13 @@ from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, to_dict
 from lingshu_rl.data.readers import DataError
-from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
 from lingshu_rl.data.sample import Sample
+from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import Prompt, train_grpo
 from lingshu_rl.rewards.base import RewardFn
 from lingshu_rl.rewards.pool import RewardPool
+from lingshu_rl.rewards.sandbox import Limits
 from lingshu_rl.sft.stages import run_sft, stage_output
 from lingshu_rl.telemetry import Telemetry, redact
 
@@ -78,7 +79,10 @@ def grpo_stage(run: Run, policy: str) -> str | None:
     telemetry = Telemetry(run.output_dir, redact(to_dict(cfg)), cfg.logging.wandb, cfg.logging.ray_metrics,
                           cfg.logging.console, resume_step=resume_step, total_steps=cfg.grpo.steps)
     try:
-        with RewardPool(run.reward, cfg.reward.workers, cfg.reward.timeout_s, cfg.reward.failure_score) as pool:
+        r = cfg.reward
+        limits = Limits(r.memory_limit_mb, r.cpu_limit_s, r.max_processes, r.file_limit_mb, tuple(r.env_allow))
+        with RewardPool(run.reward, r.workers, r.timeout_s, r.failure_score, limits,
+                        run.output_dir / "reward_workers.log") as pool:
             last = train_grpo(cfg, run.output_dir, prompts, policy, pad_id, pool, run.reward_names, telemetry,
                               run.resume)
     finally:
