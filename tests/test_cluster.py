@@ -212,3 +212,18 @@ def test_default_launch_beside_a_running_head_starts_its_own_cluster(ray_head, t
     assert "[lingshu] started a local Ray cluster" in result.stdout
     assert f"RAY_ADDRESS={address} is set but was not used: pass --ray-address {address}" in result.stdout
     assert "Connecting to existing Ray cluster" not in result.stdout + result.stderr
+
+
+def test_dashboard_port_taken_moves_to_a_free_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = launcher(tmp_path / "dash", "cluster.include_dashboard=true", f"cluster.dashboard_port={port}",
+                          "sft.stages.0.steps=2", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is taken" in result.stdout
+    moved = re.search(r"\[lingshu\] Ray dashboard: http://127\.0\.0\.1:(\d+)", result.stdout)
+    assert moved and int(moved.group(1)) != port, result.stdout[-2000:]
