@@ -47,7 +47,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, sample: Sample, max_tokens
 
 def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int:
     if "<|im_end|>" in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # transformers types the result ``int | list[int]`` (it also takes a list); one token gives one id
+        return tokenizer.convert_tokens_to_ids("<|im_end|>")  # type: ignore[return-value]
     return tokenizer.eos_token_id
 
 

@@ -152,6 +152,7 @@ def make_demo_dataset(n_train: int = 2000, n_heldout: int = 200, seed: int = 0, 
 
 def demo_target(sample: Sample) -> str:
     """The SFT target response for a demo sample: the gold option's text in answer tags."""
+    assert sample.options is not None, f"demo sample {sample.id!r} has no options"
     return f"<answer>{sample.options[sample.answer]}</answer>"
 
 
@@ -175,6 +176,7 @@ def demo_score(response: str, sample: Sample) -> float:
     """Reference scorer for the demo: 1.0 when the answer-tag text (:func:`answer_text`) is the gold option's
     text (case-insensitive, surrounding space ignored), else 0.0. ``mcq_exact`` gives the same score on such
     outputs (it also forgives near-miss spellings by fuzzy matching)."""
+    assert sample.options is not None, f"demo sample {sample.id!r} has no options"
     text = answer_text(response)
     return float(text is not None and text.strip().lower() == sample.options[sample.answer].strip().lower())
 

@@ -4,8 +4,9 @@ One row per sample. Required: ``answer`` and either ``messages`` (a list of ``{"
 ``prompt`` (a string, becomes one user message). Optional: ``id`` (default: the row's 0-based position),
 ``options`` (letter -> text), ``task`` (mcq | closed | open; default mcq when options are given, else open),
 ``images`` (paths, relative to the data file's folder, or ``{"bytes": ...}`` / ``{"path": ...}`` objects as
-Hugging Face datasets store images in Parquet), ``source``, ``system`` (a system prompt put before a ``prompt``), ``target`` (an assistant
-answer to learn in SFT). Any other column is kept in ``meta`` and reaches reward functions as a field.
+Hugging Face datasets store images in Parquet), ``source``, ``system`` (a system prompt put before a
+``prompt``), ``target`` (an assistant answer to learn in SFT). Any other column is kept in ``meta`` and
+reaches reward functions as a field.
 Every malformed row is reported with its file and line; nothing is skipped silently. Image paths are checked
 when the file is read: a missing image is an error naming the sample and the path, or, with
 ``skip_missing_images``, the sample is left out and counted in a printed line.

@@ -33,7 +33,9 @@ def _save(fig, ax, names: list[str], title: str, path: Path) -> Path:
 
 def _bars(ax, offsets: list[float], entries: list[dict[str, Any] | None], width: float, **style) -> None:
     """Bars with asymmetric error bars; a benchmark without accuracy (reports, absent) gets no bar."""
-    xs, heights, errors = [], [], [[], []]
+    xs: list[float] = []
+    heights: list[float] = []
+    errors: list[list[float]] = [[], []]
     for x, entry in zip(offsets, entries):
         if entry is None or entry.get("accuracy") is None:
             continue

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--output-dir", type=Path, required=True)
     run.add_argument("--benchmark", required=True, help="NAME[,NAME...]: " + ", ".join(BENCHMARKS))
-    run.add_argument("--model", required=True, help="a Hugging Face model directory, or 'tiny' / 'tiny-vl' (the demo models)")
+    run.add_argument("--model", required=True,
+                     help="a Hugging Face model directory, or 'tiny' / 'tiny-vl' (the demo models)")
     run.add_argument("--engine", default="auto", choices=ENGINES, help="auto: vLLM when installed, else transformers")
     run.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     run.add_argument("--batch-size", type=int, default=32)

@@ -60,6 +60,7 @@ def resolve_images(item: EvalItem, data_dir: Path | None) -> list[str]:
 def to_sample(item: EvalItem, data_dir: Path | None) -> Sample:
     """``item`` as a chat sample: its messages (own or default prompt), gold, options, images, labels."""
     messages = item.messages if item.messages is not None else [{"role": "user", "content": prompt_text(item)}]
+    images: list[str | bytes] = list(resolve_images(item, data_dir))
     return Sample(id=item.id, messages=messages, answer=item.answer, options=item.options,
-                  task="open" if item.task == "report" else item.task, images=resolve_images(item, data_dir),
+                  task="open" if item.task == "report" else item.task, images=images,
                   source=item.benchmark, meta=dict(item.subsets))

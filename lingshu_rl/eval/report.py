@@ -127,8 +127,9 @@ def compare(results_by_name: dict[str, Path], output_dir: Path) -> Path:
         accs = [runs[r].get(b, {}).get("accuracy") for r in (first, last)]
         delta = f"{100 * (accs[1] - accs[0]):+.2f}" if None not in accs else "-"
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {delta} |")
-    delta = (f"{100 * (averages[last] - averages[first]):+.2f}"
-             if None not in (averages[first], averages[last]) else "-")
+    average_first, average_last = averages[first], averages[last]
+    delta = (f"{100 * (average_last - average_first):+.2f}"
+             if average_first is not None and average_last is not None else "-")
     lines.append("| average (unweighted, shared benchmarks) | " + " | ".join(pct(averages[r]) for r in runs)
                  + f" | {delta} |")
     output_dir.mkdir(parents=True, exist_ok=True)

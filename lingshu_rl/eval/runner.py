@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.eval.benchmarks import get_benchmark, load_items
@@ -42,26 +42,29 @@ class EvalError(RuntimeError):
     """A setting that cannot be evaluated (engine not installed, images for a model that cannot take them)."""
 
 
-def resolve_engine(engine: str) -> str:
+def resolve_engine(engine: str) -> Literal["vllm", "transformers"]:
     """``vllm`` or ``transformers``: ``auto`` picks vLLM when it is installed (as ``rollout.engine: auto``)."""
     from lingshu_rl.rollout.vllm_engine import vllm_available
 
     has_vllm = vllm_available()
     if engine == "auto":
         return "vllm" if has_vllm else "transformers"
-    if engine == "vllm" and not has_vllm:
-        raise EvalError("--engine vllm: vllm is not installed (pip install 'lingshu_rl[vllm]'); "
-                        "use --engine transformers")
-    if engine not in ENGINES:
-        raise EvalError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    return engine
+    if engine == "vllm":
+        if not has_vllm:
+            raise EvalError("--engine vllm: vllm is not installed (pip install 'lingshu_rl[vllm]'); "
+                            "use --engine transformers")
+        return "vllm"
+    if engine == "transformers":
+        return "transformers"
+    raise EvalError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
 
 
 def context_length(config: Any) -> int | None:
     """The model's context window (its text model's, for a vision-language config); ``None`` when not stated."""
     for cfg in (config, getattr(config, "text_config", None)):
-        if isinstance(getattr(cfg, "max_position_embeddings", None), int):
-            return cfg.max_position_embeddings
+        length = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(length, int):
+            return length
     return None
 
 
@@ -106,13 +109,13 @@ def _save(path: Path, samples: list[Sample], prompts: list[str], outputs: list[t
         writer.close()
 
 
-def _make_engine(model_path: str, engine: str) -> RolloutEngine:
+def _make_engine(model_path: str, engine: Literal["vllm", "transformers"]) -> RolloutEngine:
     import torch
 
     from lingshu_rl.config import ModelConfig, RolloutConfig
     from lingshu_rl.grpo.workers import make_rollout_engine
 
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16" if torch.cuda.is_available() else "float32"
     return make_rollout_engine(model_path, ModelConfig(path=model_path, dtype=dtype), RolloutConfig(engine=engine),
                                "auto")
 
@@ -154,8 +157,10 @@ def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, outp
         outputs = generate(rollout, prompt_ids, params, batch_size, context and context - max_new_tokens, images)
         scores = score_items(benchmark_items, {item.id: text for item, (text, _) in zip(benchmark_items, outputs)
                                                if text is not None})
-        _save(output_dir / "predictions" / f"{name}.jsonl", samples[name],
-              [tokenizer.decode(ids) for ids in prompt_ids], outputs, benchmark_items, scores)
+        # transformers types decode's result ``str | list[str]`` (it also takes batches); one id list gives one str
+        prompt_texts: list[str] = [tokenizer.decode(ids) for ids in prompt_ids]  # type: ignore[misc]
+        _save(output_dir / "predictions" / f"{name}.jsonl", samples[name], prompt_texts, outputs, benchmark_items,
+              scores)
         bench = get_benchmark(name)
         notes = ([TEXT_ONLY_NOTE] if text_only and any(i.images for i in benchmark_items) else [])
         if limit is not None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import yaml
 
 from lingshu_rl.config import ConfigError, RunConfig, load_config, to_dict
-from lingshu_rl.data.chat import PromptTooLong
 from lingshu_rl.data import builtin
+from lingshu_rl.data.chat import PromptTooLong
 from lingshu_rl.data.readers import DataError, read_samples
-from lingshu_rl.data.vision import ImageError
 from lingshu_rl.data.sample import Sample
+from lingshu_rl.data.vision import ImageError
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import TrainingStopped, WorkerDied, find_resume
 from lingshu_rl.launch.pipeline import STAGES, Run, StageMissing, run_pipeline
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="YAML recipe (default: the embedded demo preset)")
-    source.add_argument("--preset", help="a built-in recipe: " + ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    source.add_argument("--preset", help="a built-in recipe: "
+                        + ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
                         + " (demo-vl: the multimodal demo)")
     parser.add_argument("--reward", action="append", default=[],
                         help="reward: built-in name, entry point, pkg.module:fn or file.py:fn; combine with "
@@ -91,7 +92,8 @@ def preset_path(name: str | None) -> Path:
         return DEMO_PRESET
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(p.stem for p in PRESETS.glob('*.yaml')))}")
+        presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r}; presets: {presets}")
     return path
 
 

@@ -25,8 +25,8 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lingshu_rl.data.demo import DEMO_VERSION, demo_corpus

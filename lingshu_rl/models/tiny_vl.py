@@ -37,8 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from lingshu_rl.models.tiny import (
-    EOS_TOKEN, IM_END, MODEL_SETTINGS, build_once, default_cache_dir, save_tokenizer, tiny_model_hash,
-    train_tiny_tokenizer)
+    EOS_TOKEN,
+    IM_END,
+    MODEL_SETTINGS,
+    build_once,
+    default_cache_dir,
+    save_tokenizer,
+    tiny_model_hash,
+    train_tiny_tokenizer,
+)
 
 TINY_VL_VERSION = 1  # bump when this builder's output changes
 
@@ -234,13 +241,14 @@ def enable_qwen_vl_without_torchvision(vllm: bool = False) -> bool:
                 return no_video
             return check(self, argument_name, argument)
 
-        check_argument._lingshu_no_video = True
-        processing_utils.ProcessorMixin.check_argument_for_proper_class = check_argument
+        check_argument.__dict__["_lingshu_no_video"] = True  # marks the installed patch
+        # a monkeypatch of transformers' method, which mypy does not allow to be assigned
+        processing_utils.ProcessorMixin.check_argument_for_proper_class = check_argument  # type: ignore[method-assign]
     if vllm:
         from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
 
         stub = types.ModuleType("transformers.models.qwen2_vl.image_processing_qwen2_vl")
-        stub.smart_resize = image_processing_pil_qwen2_vl.smart_resize
+        stub.__dict__["smart_resize"] = image_processing_pil_qwen2_vl.smart_resize
         sys.modules.setdefault(stub.__name__, stub)
         from vllm import ModelRegistry
         from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration

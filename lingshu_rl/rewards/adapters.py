@@ -105,8 +105,8 @@ def to_verl(reward: RewardFn | str) -> Callable[..., dict[str, float]]:
     """A lingshu reward (or reference) as a verl ``compute_score``; returns ``{"score", **sub_scores}``."""
     fn = _as_reward(reward)
 
-    def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None = None,
-                      **_: Any) -> dict[str, float]:
+    def compute_score(data_source: str, solution_str: str, ground_truth: Any,
+                      extra_info: Mapping[str, Any] | None = None, **_: Any) -> dict[str, float]:
         fields = {**(extra_info or {}), "data_source": data_source, "source": data_source}
         result = call_reward(fn, solution_str, ground_truth, fields)
         return {"score": result.score, **result.details}

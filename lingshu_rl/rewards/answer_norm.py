@@ -26,8 +26,17 @@ from collections.abc import Sequence
 
 from rapidfuzz import fuzz
 
-from lingshu_rl.rewards.normalize import (canonical_yes_no, last_boxed, last_tag_content, nfkc, normalize_text,
-                                          parse_quantity, quantities_equal, strip_think, unwrap_latex)
+from lingshu_rl.rewards.normalize import (
+    canonical_yes_no,
+    last_boxed,
+    last_tag_content,
+    nfkc,
+    normalize_text,
+    parse_quantity,
+    quantities_equal,
+    strip_think,
+    unwrap_latex,
+)
 from lingshu_rl.rewards.registry import register
 
 _MARKER = re.compile(

@@ -76,5 +76,6 @@ def _accepted_fields(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
 def call_reward(fn: RewardFn, response: str, answer: Any, fields: Mapping[str, Any] | None = None) -> RewardResult:
     """Call ``fn`` with the response, the gold answer and whichever sample fields it accepts."""
     names, takes_var_kw = _accepted_fields(fn)
-    extra = {k: v for k, v in (fields or {}).items() if k not in ("response", "answer") and (takes_var_kw or k in names)}
+    extra = {k: v for k, v in (fields or {}).items()
+             if k not in ("response", "answer") and (takes_var_kw or k in names)}
     return to_result(fn(response, answer, **extra))

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 scored["reward_error"] = f"{failures[index].kind}: {failures[index].message}"
             handle.write(json.dumps(scored, ensure_ascii=False) + "\n")
     for failure in batch.failures:
-        print(f"failed: row {failure.index + 1} (id {failure.sample_id}): {failure.kind}: {failure.message}", file=sys.stderr)
+        print(f"failed: row {failure.index + 1} (id {failure.sample_id}): {failure.kind}: {failure.message}",
+              file=sys.stderr)
     mean = sum(batch.scores) / len(batch.scores) if batch.scores else 0.0
     print(f"wrote {len(rows)} rows to {output}")
     print(f"mean score: {mean:.4f} over {len(rows)} rows")

@@ -34,7 +34,7 @@ def plan_steps(stage: SFTStageConfig, sources: list[list[Sample]], seed: int) ->
     if any(weighted):
         if not all(weighted) or stage.steps <= 0:
             raise ValueError(f"stage {stage.name!r}: weight mixing needs a weight on every source and stage steps > 0")
-        weights = [s.weight for s in stage.data]
+        weights = [s.weight for s in stage.data if s.weight is not None]  # all of them (checked above)
         return [[rng.choice(sources[rng.choices(range(len(sources)), weights)[0]]) for _ in range(stage.batch_size)]
                 for _ in range(stage.steps)]
     mixed: list[Sample] = []

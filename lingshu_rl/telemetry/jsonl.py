@@ -133,7 +133,8 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair(self.path, keep_through_step)
         self._fsync = fsync
-        self._file = open(self.path, "a", encoding="utf-8")
+        # held open for the writer's lifetime (appends with one fsync each), closed by close()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, row: Mapping[str, Any]) -> None:
         self.write_many([row])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,7 +101,7 @@ class Telemetry:
             write_line(format_step_line(int(step), clean, self.total_steps), self.stream)
         return row
 
-    def log_samples(self, step: int, rows: list[Mapping[str, Any]]) -> None:
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append generations (prompt, response, reward, ...) to samples.jsonl, each row tagged with ``step``."""
         self._samples.write_many({"step": int(step), **{k: v for k, v in row.items() if k != "step"}} for row in rows)
 

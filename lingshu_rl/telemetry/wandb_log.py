@@ -11,13 +11,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lingshu_rl.telemetry.redact import redact, redact_argv
 
 logger = logging.getLogger(__name__)
 
-MODES = ("offline", "online", "disabled")
+WandbMode = Literal["offline", "online", "disabled"]
+MODES: tuple[WandbMode, ...] = ("offline", "online", "disabled")
 RUN_ID_FILE = "run_id"  # OUTPUT_DIR/wandb/run_id: lets a resumed run continue the same wandb run
 
 
@@ -39,8 +40,15 @@ class WandbConfig:
     """Free-form run tags."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"wandb mode must be one of {MODES}, got {self.mode!r}")
+        _as_mode(self.mode)
+
+
+def _as_mode(name: str) -> WandbMode:
+    """``name`` as one of :data:`MODES`; a ``ValueError`` for any other."""
+    for mode in MODES:
+        if name == mode:
+            return mode
+    raise ValueError(f"wandb mode must be one of {MODES}, got {name!r}")
 
 
 def new_run_id() -> str:
@@ -97,7 +105,7 @@ class WandbRun:
                     dir=str(output_dir),
                     id=run_id,
                     resume="allow",
-                    mode=mode,
+                    mode=_as_mode(mode),
                     reinit="create_new",
                     settings=_settings(wandb),
                 )

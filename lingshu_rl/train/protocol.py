@@ -14,8 +14,15 @@ class Loss(Protocol):
     """A micro-batch loss. ``num_tokens``/``num_seqs`` are totals over the whole update so that summing the
     micro-batch losses (and metrics) gives the full-batch value."""
 
-    temperature: float  # log-probs are computed from logits / temperature
-    needs_entropy: bool
+    # read-only members: a dataclass field (SFTLoss) or a property (GRPOLoss.needs_entropy) both provide them
+
+    @property
+    def temperature(self) -> float:
+        """Log-probs are computed from logits / temperature."""
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the engine must pass the per-token entropy (else it passes ``None``)."""
 
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, batch: TokenBatch, num_tokens: float,
                  num_seqs: float) -> tuple[Tensor, dict[str, Tensor]]: ...
@@ -34,5 +41,6 @@ class TrainEngine(Protocol):
     def save(self, directory: Path) -> None:
         """Hugging Face model (safetensors) plus optimiser and scheduler state."""
 
-    def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote."""
+    def load_training_state(self, directory: Path) -> None:
+        """Restore the optimiser and scheduler state that :meth:`save` wrote (the model weights are loaded from
+        ``directory/model`` when the engine is built)."""

@@ -22,7 +22,7 @@ from lingshu_rl.eval.items import EvalItem
 class Benchmark:
     name: str
     title: str
-    read: Callable[[Path], list[EvalItem]]
+    read: Callable[[Path | None], list[EvalItem]]  # given None only when ``folder`` is None (no data needed)
     folder: str | None  # sub-folder of the data root in the shared layout; None: no data needed
     files: tuple[str, ...]  # files that mark the benchmark's folder (any one of them)
     count: int | None  # documented item count of the full file (None: not checked here)
@@ -59,7 +59,7 @@ def get_benchmark(name: str) -> Benchmark:
 
 def benchmark_folder(bench: Benchmark, data_dir: Path | None) -> Path | None:
     """The folder holding ``bench``'s files: ``data_dir/<folder>`` or ``data_dir`` itself."""
-    if not bench.needs_data:
+    if bench.folder is None:  # not bench.needs_data
         return None
     if data_dir is None:
         raise BenchmarkError(f"{bench.name}: --data-dir is required (the folder with {', '.join(bench.files)}, or "
@@ -79,7 +79,7 @@ def load_items(name: str, data_dir: Path | None, limit: int | None = None) -> li
     duplicates = [i for i, n in Counter(item.id for item in items).items() if n > 1]
     if duplicates:
         raise BenchmarkError(f"{name}: duplicate item ids {duplicates[:10]}")
-    if folder is not None and folder != data_dir:
+    if folder is not None and data_dir is not None and folder != data_dir:  # data_dir is set when folder is
         prefix = folder.relative_to(data_dir)
         for item in items:
             item.images = [(prefix / image).as_posix() for image in item.images]

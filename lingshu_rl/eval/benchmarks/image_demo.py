@@ -23,5 +23,5 @@ def read(root: Path | None = None, seed: int = 0) -> list[EvalItem]:
     _, heldout = make_image_demo(seed=seed)
     return [EvalItem(id=s.id, benchmark="image_demo", task="mcq", question=s.messages[-1]["content"],
                      answer=s.answer, options=s.options, subsets={"stain": s.meta["stain"]},
-                     messages=s.messages, images=list(s.images))
+                     messages=s.messages, images=[str(path) for path in s.images])  # file paths
             for s in heldout]

@@ -38,7 +38,8 @@ def apply() -> None:
                            "or hide the GPUs with CUDA_VISIBLE_DEVICES=)")
     from megatron.core.tensor_parallel import random as mp_random
 
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]  # raised before: no CUDA here
+    # raised before: no CUDA here; "cpu" where torch declares an int index (megatron passes it on as a device)
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _APPLIED = True

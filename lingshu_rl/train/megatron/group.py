@@ -106,8 +106,9 @@ class MegatronGroup:
               lr: float | None = None) -> MegatronGroup:
         """Start ``size`` rank actors (``options(rank)`` gives each one's Ray options) and their engines."""
         actor = ray.remote(MegatronRank)
-        ranks = [actor.options(**options(r)).remote(r, model_path, model_cfg, train_cfg, total_steps, trainable,
-                                                    seed, threads, lr) for r in range(size)]
+        # Any: ray types a handle's methods as the plain methods, without their ``.remote``
+        ranks: list[Any] = [actor.options(**options(r)).remote(r, model_path, model_cfg, train_cfg, total_steps,
+                                                               trainable, seed, threads, lr) for r in range(size)]
         group = cls(ranks)
         try:
             master_addr, master_port = ray.get(ranks[0].address.remote())

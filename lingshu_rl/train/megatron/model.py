@@ -59,8 +59,10 @@ def load_shards(model: torch.nn.Module, shards: dict[str, Tensor]) -> None:
                 raise ValueError(f"{name}: model shape {tuple(param.shape)} != converted {tuple(shards[name].shape)}")
             param.copy_(shards[name])
             dim = partition_dim(name)
-            param.tensor_model_parallel = dim is not None
-            param.partition_dim, param.partition_stride = (dim if dim is not None else -1), 1
+            # megatron's own attributes on parameters, which torch's stubs do not declare
+            param.tensor_model_parallel = dim is not None  # type: ignore[attr-defined]
+            param.partition_dim = dim if dim is not None else -1  # type: ignore[attr-defined]
+            param.partition_stride = 1  # type: ignore[attr-defined]
 
 
 def attention_mask(input_ids: Tensor, segment_ids: Tensor | None) -> Tensor:
