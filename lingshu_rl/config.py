@@ -126,7 +126,7 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)  # e.g. [demo] or [medqa, pubmedqa]; empty: no eval stage
-    data_dir: str | None = None  # folder of the benchmarks' original files (`python -m lingshu_rl.eval list` names them)
+    data_dir: str | None = None  # folder of the benchmarks' original files (`python -m lingshu_rl.eval list`)
     limit: int | None = None  # items per benchmark (None: all)
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     max_new_tokens: int = 64
@@ -135,7 +135,8 @@ class EvalConfig:
 
 @dataclass
 class RewardConfig:
-    rewards: list[Any] = field(default_factory=lambda: ["mcq_exact"])  # refs, "0.5*format+1.0*mcq_exact", or {ref, weight, kwargs}
+    # reward references, "0.5*format+1.0*mcq_exact", or {ref, weight, kwargs} entries
+    rewards: list[Any] = field(default_factory=lambda: ["mcq_exact"])
     workers: int = 2  # reward processes (0: score in the driver, no timeouts)
     timeout_s: float = 30.0  # per sample
     failure_score: float = 0.0
@@ -220,7 +221,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, key)
@@ -331,7 +332,8 @@ def validate(config: RunConfig) -> None:
          "rollout.tis_cap must be 0 (off) or >= 1 (the largest importance weight)"),
         (not (config.rollout.tis_cap and config.rollout.engine == "transformers"),
          "rollout.tis_cap needs the rollout engine's sampling log-probs: use rollout.engine=vllm (or auto)"),
-        (config.grpo.steps >= 0 and config.grpo.prompts_per_step >= 1, "grpo.steps >= 0 and grpo.prompts_per_step >= 1"),
+        (config.grpo.steps >= 0 and config.grpo.prompts_per_step >= 1,
+         "grpo.steps >= 0 and grpo.prompts_per_step >= 1"),
         (config.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
         (config.grpo.clip_low >= 0 and config.grpo.clip_high >= 0, "grpo.clip_low/clip_high must be >= 0"),
         (config.train.lr > 0 and config.train.micro_batch_size >= 1, "train.lr > 0 and train.micro_batch_size >= 1"),
@@ -340,7 +342,8 @@ def validate(config: RunConfig) -> None:
         (config.train.pipeline_parallel_size == 1, "train.pipeline_parallel_size: only 1 is supported"),
         (config.train.engine == "megatron" or config.train.tensor_parallel_size == 1,
          "train.tensor_parallel_size > 1 needs train.engine=megatron"),
-        (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1"),
+        (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
+         "checkpoint.every and checkpoint.keep must be >= 1"),
         (config.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
         (len(config.reward.rewards) >= 1, "reward.rewards needs at least one reward"),
     ]

@@ -217,7 +217,7 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
         rollouts = [ray.remote(RolloutWorker).options(**options(f"rollout{i}", ROLLOUT.format(i))).remote(
             policy_path, cfg.model, cfg.rollout, device, _threads(c, c.rollout_cpus)) for i in range(num_rollouts)]
         started += rollouts
-        ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if with_ref else None
+        ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if ref_path is not None else None
     except Exception as err:  # a megatron group starts synchronously: clean up what did start
         for handle in started:
             kill_policy(handle)

@@ -10,6 +10,7 @@ memory, CPU seconds, file size and processes; their answers are JSON. ``log_path
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -62,7 +63,8 @@ class ScoredBatch:
     def stats(self) -> dict[str, float]:
         """Counts for logging: ``reward/failures`` and one ``reward/failures_<kind>`` per kind seen."""
         counts = Counter(f.kind for f in self.failures)
-        return {"reward/failures": float(len(self.failures)), **{f"reward/failures_{k}": float(v) for k, v in counts.items()}}
+        return {"reward/failures": float(len(self.failures)),
+                **{f"reward/failures_{k}": float(v) for k, v in counts.items()}}
 
 
 def score_one(fn: RewardFn, item: ScoreItem) -> tuple[str, Any]:
@@ -140,10 +142,8 @@ class _Worker:
         self.kill()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the worker leads its session: its whole group goes
-        except (ProcessLookupError, PermissionError):
-            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the worker leads its session:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its whole process group goes
         self.process.wait(timeout=5)
         remove_cgroup(self.cgroup)
         self.sender.close()
@@ -161,7 +161,8 @@ class RewardPool:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.reward, self.num_workers, self.timeout_s, self.failure_score = reward, num_workers, timeout_s, failure_score
+        self.reward, self.num_workers, self.timeout_s = reward, num_workers, timeout_s
+        self.failure_score = failure_score
         self.limits = limits or Limits()
         self._log = open(log_path, "ab") if log_path is not None and num_workers else None  # noqa: SIM115
         self._workers: list[_Worker] = []
@@ -274,5 +275,5 @@ def score_batch(reward: RewardFn, items: Sequence[ScoreItem], **pool_kwargs: Any
 
 def items_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[ScoreItem]:
     """``{"response", "answer", ...}`` rows (the scoring CLI's JSONL) into score items."""
-    return [ScoreItem(str(row["response"]), row["answer"], {k: v for k, v in row.items() if k not in ("response", "answer")})
-            for row in rows]
+    return [ScoreItem(str(row["response"]), row["answer"],
+                      {k: v for k, v in row.items() if k not in ("response", "answer")}) for row in rows]

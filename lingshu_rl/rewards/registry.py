@@ -122,7 +122,9 @@ def resolve_reward(ref: str) -> RewardFn:
     if ":" in ref:
         path_part = ref.rpartition(":")[0]
         looks_like_file = path_part.endswith(".py") or "/" in path_part or "\\" in path_part
-        loaders = [("file", _from_file), ("module", _from_module)] if looks_like_file else [("module", _from_module), ("file", _from_file)]
+        loaders = [("file", _from_file), ("module", _from_module)]
+        if not looks_like_file:
+            loaders.reverse()
         for kind, loader in loaders:
             try:
                 fn = loader(ref)

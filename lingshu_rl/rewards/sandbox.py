@@ -14,6 +14,7 @@ Results come back as JSON, never unpickled from the child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -83,10 +84,8 @@ def _user_process_count() -> int:
     uid, count = os.getuid(), 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            try:
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
                 count += os.stat(entry.path).st_uid == uid
-            except OSError:
-                pass
     return count
 
 
@@ -147,10 +146,8 @@ def live_children() -> list[int]:
     """Child processes of this process (with :func:`become_subreaper`: every descendant still running)."""
     children: list[int] = []
     for task in Path("/proc/self/task").glob("*/children"):
-        try:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
             children += [int(pid) for pid in task.read_text().split()]
-        except OSError:
-            pass
     alive = []
     for pid in children:
         try:
