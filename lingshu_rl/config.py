@@ -178,6 +178,9 @@ class LoggingConfig:
     samples_per_step: int = 4  # rows written to samples.jsonl each step
     ray_metrics: bool = True
     console: bool = True
+    # keep prompts, responses, answers and image paths out of every file the run writes (samples.jsonl, eval
+    # predictions): for data with patient information. Ids, rewards, scores and lengths are still written.
+    redact_text: bool = False
 
 
 @dataclass

@@ -64,6 +64,17 @@ def test_run_generates_saves_scores_and_reports(tmp_path, capsys):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
+def test_redact_text_keeps_prompts_and_responses_out_of_the_predictions(tmp_path):
+    out = tmp_path / "eval"
+    assert main(["run", "--benchmark", "demo", "--model", "tiny", "--engine", "transformers", "--limit", "3",
+                 "--max-new-tokens", "3", "--redact-text", "--output-dir", str(out)]) == 0
+    text = (out / "predictions" / "demo.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 3 and all({"id", "correct", "finish_reason"} <= set(row) for row in rows)
+    assert not any({"prompt", "response", "answer", "images", "extracted"} & set(row) for row in rows)
+    assert "<|im_start|>" not in text
+
+
 class EchoEngine:
     """Answers each prompt with its length; records the batches it was given."""
 

@@ -416,3 +416,16 @@ def test_ray_gauges_reach_prometheus_endpoint(tmp_path, monkeypatch):
         tel.close()
     finally:
         ray.shutdown()
+
+
+def test_redact_text_keeps_prompts_and_responses_out_of_samples(tmp_path: Path) -> None:
+    from lingshu_rl.telemetry import Telemetry
+
+    row = {"id": "s1", "prompt": "Patient, 54, with chest pain", "response": "aspirin", "answer": "A", "reward": 1.0}
+    with Telemetry(tmp_path / "private", wandb=WandbConfig(mode="disabled"), ray_metrics=False, console=False,
+                   redact_text=True) as private:
+        private.log_samples(1, [row])
+    with Telemetry(tmp_path / "plain", wandb=WandbConfig(mode="disabled"), ray_metrics=False, console=False) as plain:
+        plain.log_samples(1, [row])
+    assert json.loads((tmp_path / "private" / "samples.jsonl").read_text()) == {"step": 1, "id": "s1", "reward": 1.0}
+    assert "chest pain" in (tmp_path / "plain" / "samples.jsonl").read_text()

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     run.add_argument("--text-only", action="store_true",
                      help="run image benchmarks without their images (the report says so)")
+    run.add_argument("--redact-text", action="store_true",
+                     help="keep prompts, responses, answers and image paths out of the predictions files")
     run.add_argument("--output-dir", type=Path, required=True)
     comp = sub.add_parser("compare", help="one table and chart comparing several evaluations")
     comp.add_argument("--results", action="append", required=True, metavar="NAME=PATH",
@@ -106,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         get_benchmark(name)
     model = model_path(args.model)  # a directory, a hub id, or a built-in: tiny | tiny-vl
     results = evaluate(model, names, args.data_dir, args.output_dir, args.engine, args.limit, args.batch_size,
-                       args.max_new_tokens, args.text_only)
+                       args.max_new_tokens, args.text_only, args.redact_text)
     print(f"wrote {args.output_dir}/results.json, report.md, accuracy.png, predictions/")
     for name, result in results["benchmarks"].items():
         print(f"{name}: {headline(result)}")

@@ -17,6 +17,7 @@ so. The decoded prompts in the predictions show each image as its run of ``<|ima
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +29,7 @@ from lingshu_rl.eval.report import format_ids, headline, write_results
 from lingshu_rl.eval.results import summarize
 from lingshu_rl.eval.scoring import ItemScore, score_items
 from lingshu_rl.telemetry.jsonl import JsonlWriter
+from lingshu_rl.telemetry.redact import without_text
 
 if TYPE_CHECKING:
     from lingshu_rl.data.vision import VisionInputs
@@ -97,11 +99,13 @@ def generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingPa
 
 
 def _save(path: Path, samples: list[Sample], prompts: list[str], outputs: list[tuple[str | None, str]],
-          items: list[EvalItem], scores: list[ItemScore]) -> None:
-    rows = ({"id": item.id, "prompt": prompt, "images": sample.images, "response": text, "finish_reason": finish,
+          items: list[EvalItem], scores: list[ItemScore], redact_text: bool) -> None:
+    rows: Iterable[dict[str, Any]] = ({"id": item.id, "prompt": prompt, "images": sample.images, "response": text, "finish_reason": finish,
              "answer": item.answer, "correct": score.correct, "extracted": score.extracted, "method": score.method,
              "metrics": score.metrics, "subsets": item.subsets}
             for sample, prompt, (text, finish), item, score in zip(samples, prompts, outputs, items, scores))
+    if redact_text:
+        rows = (without_text(row) for row in rows)
     writer = JsonlWriter(path, fsync=False)
     try:
         writer.write_many(rows)
@@ -122,9 +126,10 @@ def _make_engine(model_path: str, engine: Literal["vllm", "transformers"]) -> Ro
 
 def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, output_dir: Path, engine: str = "auto",
              limit: int | None = None, batch_size: int = 32, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             text_only: bool = False) -> dict[str, Any]:
+             text_only: bool = False, redact_text: bool = False) -> dict[str, Any]:
     """Evaluate the model at ``model_path`` on ``benchmarks``; write ``output_dir/{results.json, report.md,
-    accuracy.png, predictions/}`` and return the results (the content of ``results.json``)."""
+    accuracy.png, predictions/}`` and return the results (the content of ``results.json``). ``redact_text``
+    keeps prompts, responses, answers and image paths out of the predictions (ids and scores stay)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
@@ -160,7 +165,7 @@ def evaluate(model_path: str, benchmarks: list[str], data_dir: Path | None, outp
         # transformers types decode's result ``str | list[str]`` (it also takes batches); one id list gives one str
         prompt_texts: list[str] = [tokenizer.decode(ids) for ids in prompt_ids]  # type: ignore[misc]
         _save(output_dir / "predictions" / f"{name}.jsonl", samples[name], prompt_texts, outputs, benchmark_items,
-              scores)
+              scores, redact_text)
         bench = get_benchmark(name)
         notes = ([TEXT_ONLY_NOTE] if text_only and any(i.images for i in benchmark_items) else [])
         if limit is not None:

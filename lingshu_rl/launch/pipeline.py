@@ -77,7 +77,8 @@ def grpo_stage(run: Run, policy: str) -> str | None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     resume_step = int(run.resume.name.split("_")[-1]) if run.resume else None
     telemetry = Telemetry(run.output_dir, redact(to_dict(cfg)), cfg.logging.wandb, cfg.logging.ray_metrics,
-                          cfg.logging.console, resume_step=resume_step, total_steps=cfg.grpo.steps)
+                          cfg.logging.console, resume_step=resume_step, total_steps=cfg.grpo.steps,
+                          redact_text=cfg.logging.redact_text)
     try:
         r = cfg.reward
         limits = Limits(r.memory_limit_mb, r.cpu_limit_s, r.max_processes, r.file_limit_mb, tuple(r.env_allow))
@@ -100,7 +101,7 @@ def eval_stage(run: Run, models: dict[str, str]) -> None:
     for name, path in chosen.items():
         out = run.output_dir / "eval" / name
         evaluate(path, cfg.benchmarks, Path(cfg.data_dir) if cfg.data_dir else None, out, engine=cfg.engine,
-                 limit=cfg.limit, max_new_tokens=cfg.max_new_tokens)
+                 limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, redact_text=run.cfg.logging.redact_text)
         results[name] = out
     if len(results) > 1:
         print(f"[lingshu] comparison: {compare(results, run.output_dir / 'eval')}", flush=True)

@@ -1,4 +1,5 @@
-"""Redaction of secret-looking config entries before a config is logged anywhere (wandb, files, console)."""
+"""Redaction: secret-looking config entries before a config is logged anywhere (wandb, files, console), and
+the text of prompts and responses in the rows a run writes when ``logging.redact_text`` is on."""
 
 from __future__ import annotations
 
@@ -67,3 +68,13 @@ def redact_argv(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+# what can carry patient data in a sample or prediction row: the texts, the gold answer, the images' paths and
+# what was extracted from a response
+TEXT_FIELDS = frozenset({"prompt", "response", "answer", "images", "extracted", "messages", "target"})
+
+
+def without_text(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` without its :data:`TEXT_FIELDS` (ids, scores, rewards, lengths and finish reasons stay)."""
+    return {k: v for k, v in row.items() if k not in TEXT_FIELDS}

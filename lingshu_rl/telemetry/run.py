@@ -12,6 +12,7 @@ from lingshu_rl.telemetry.console import format_step_line, write_line
 from lingshu_rl.telemetry.jsonl import JsonlWriter, read_jsonl
 from lingshu_rl.telemetry.plots import plot_reward_curve
 from lingshu_rl.telemetry.ray_metrics import RayGauges
+from lingshu_rl.telemetry.redact import without_text
 from lingshu_rl.telemetry.wandb_log import WandbConfig, WandbRun
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Telemetry:
         total_steps: shown as ``step 12/50`` in the console line.
         run_name: the Ray gauges' ``run`` tag; default ``wandb.run_name`` or the output directory's name.
         stream: console stream (default ``sys.stdout``).
+        redact_text: keep prompts, responses and answers out of samples.jsonl (ids, rewards, lengths stay).
     """
 
     def __init__(
@@ -57,7 +59,9 @@ class Telemetry:
         total_steps: int | None = None,
         run_name: str | None = None,
         stream: TextIO | None = None,
+        redact_text: bool = False,
     ) -> None:
+        self.redact_text = redact_text
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.wandb_config = wandb if wandb is not None else WandbConfig()
@@ -103,6 +107,7 @@ class Telemetry:
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append generations (prompt, response, reward, ...) to samples.jsonl, each row tagged with ``step``."""
+        rows = [without_text(row) if self.redact_text else row for row in rows]
         self._samples.write_many({"step": int(step), **{k: v for k, v in row.items() if k != "step"}} for row in rows)
 
     def close(self) -> None:
