@@ -100,7 +100,8 @@ def generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingPa
 
 def _save(path: Path, samples: list[Sample], prompts: list[str], outputs: list[tuple[str | None, str]],
           items: list[EvalItem], scores: list[ItemScore], redact_text: bool) -> None:
-    rows: Iterable[dict[str, Any]] = ({"id": item.id, "prompt": prompt, "images": sample.images, "response": text, "finish_reason": finish,
+    rows: Iterable[dict[str, Any]] = (
+        {"id": item.id, "prompt": prompt, "images": sample.images, "response": text, "finish_reason": finish,
              "answer": item.answer, "correct": score.correct, "extracted": score.extracted, "method": score.method,
              "metrics": score.metrics, "subsets": item.subsets}
             for sample, prompt, (text, finish), item, score in zip(samples, prompts, outputs, items, scores))
