@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from lingshu_rl.grpo.algorithm import (aggregate, clipped_policy_loss, group_advantages, informative_groups,
-                                       kl_estimate, token_logprobs)
+from lingshu_rl.grpo.algorithm import (
+    aggregate,
+    clipped_policy_loss,
+    group_advantages,
+    informative_groups,
+    kl_estimate,
+    token_logprobs,
+)
 from lingshu_rl.grpo.loss import GRPOLoss
 from lingshu_rl.train.batch import TokenBatch, collate
 from lingshu_rl.train.optim import lr_factor
@@ -102,6 +108,39 @@ def test_aggregation_modes_by_hand() -> None:
     # micro-batches summed with global totals equal the full batch
     halves = [aggregate(values[i:i + 1], mask[i:i + 1], "seq-mean-token-mean", 4, 2) for i in range(2)]
     assert sum(halves).item() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "token-mean"])
+def test_masked_sequences_do_not_dilute_the_loss(tmp_path, mode: str) -> None:
+    """Truncation masking (grpo.mask_truncated) zeroes a sequence's mask: the update must equal the update on
+    the contributing sequences alone, micro-batched or not (sequence means divide by contributing sequences)."""
+    from lingshu_rl.config import ModelConfig, TrainConfig
+    from lingshu_rl.models.tiny import build_tiny_model
+    from lingshu_rl.train.batch import loss_totals
+    from lingshu_rl.train.torch_engine import TorchEngine
+
+    path = str(build_tiny_model(cache_dir=tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 100, (4 + i,), generator=gen).tolist() for i in range(4)]
+    responses = [torch.randint(3, 100, (6 - i,), generator=gen).tolist() for i in range(4)]
+    advantages = torch.tensor([1.0, -0.5, -1.5, 2.0])
+    full = collate(prompts, responses, pad_id=0).with_(advantages=advantages)
+    truncated = torch.tensor([False, True, False, True])
+    masked = full.with_(response_mask=full.response_mask * (~truncated).float().unsqueeze(-1))  # as the controller
+    kept = collate(prompts[::2], responses[::2], pad_id=0).with_(advantages=advantages[::2])
+    assert loss_totals(masked) == loss_totals(kept) == (float(len(responses[0]) + len(responses[2])), 2.0)
+
+    loss = GRPOLoss(loss_agg=mode, entropy_coef=0.01)
+    results = []
+    for batch, micro in ((masked, 1), (kept, 2)):
+        engine = TorchEngine(path, ModelConfig(), TrainConfig(lr=1e-3, micro_batch_size=micro, device="cpu"))
+        results.append((engine.update(batch, loss), engine.weights()))
+    (with_masked, w_masked), (alone, w_alone) = results
+    for key in ("actor/pg_loss", "actor/entropy", "actor/loss", "actor/grad_norm"):
+        assert with_masked[key] == pytest.approx(alone[key], rel=1e-5), key
+    # AdamW's first step moves each weight by about lr * sign(grad): float noise in near-zero gradients is all
+    # that separates the two updates, a small fraction of one step
+    assert max((w_masked[k] - w_alone[k]).abs().max().item() for k in w_alone) < 0.05 * 1e-3
 
 
 def test_token_logprobs_alignment() -> None:

@@ -107,6 +107,11 @@ ENUMERATION = (
         ("The insulin glargine", "C", "text_normalized"),
         ("Insuline glargin", "C", "text_fuzzy"),
         ("Aspirin contraindicated; safest is\nInsulin glargine", "C", "text_exact"),
+        # an option's text inside a short sentence, without its letter
+        ("The best choice here is metformin.", "B", "text_in_sentence"),
+        ("I would start insulin glargine in this patient.", "C", "text_in_sentence"),
+        ("Glipizide would be my pick", "D", "text_in_sentence"),
+        ("<answer>The best choice here is metformin</answer>", "B", "answer_tag"),
     ],
 )
 def test_extract_choice(response, letter, method):
@@ -164,6 +169,16 @@ def test_extract_choice(response, letter, method):
         "<think>\nThe answer is probably B, but let me check the eGFR",
         # enumeration of the options without a verdict
         "A. Aspirin - no.\nB. Metformin - contraindicated.\nC. Insulin glargine - safe.\nD. Glipizide - risky.",
+        # options named in a sentence, but hedged between, compared, rejected, or in a longer reply
+        "either metformin or insulin",
+        "It is either metformin or insulin glargine.",
+        "Metformin or glipizide.",
+        "Insulin glargine rather than metformin.",
+        "Either metformin or a sulfonylurea.",
+        "Not metformin.",
+        "Metformin is contraindicated here.",
+        "Metformin isn't safe at this eGFR.",
+        "Her eGFR is 25. Metformin is usually first-line.",
     ],
 )
 def test_extract_choice_none(response):
@@ -271,6 +286,10 @@ def test_gold_key(answer, options, key):
         ("Yes", "A", YNM, 1.0, 1.0),
         ("Yes", "yes", YNM, 1.0, 1.0),
         ("故选D", "D", None, 1.0, 1.0),
+        ("The best choice here is metformin.", "B", OPTS, 1.0, 1.0),
+        ("The best choice here is metformin.", "C", OPTS, 0.0, 1.0),
+        ("either metformin or insulin", "B", OPTS, 0.0, 0.0),
+        ("There is no evidence of benefit.", "yes", YNM, 0.0, 0.0),  # yes/no options are never read in a sentence
     ],
 )
 def test_mcq_exact(response, answer, options, score, extracted):

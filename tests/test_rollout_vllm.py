@@ -3,7 +3,8 @@
 - greedy vLLM == transformers ``generate`` on the tiny default model;
 - after an actor update and a weight sync through the GRPO loop's own path (``controller.sync_weights``: the
   actor's state dict through Ray's object store into vLLM in place), vLLM's greedy output == the updated
-  model's; vLLM's sampling log-probs == the training engine's;
+  model's; vLLM's sampling log-probs == the training engine's, also under top-p / top-k (both are log-probs of
+  softmax(logits / temperature) over the whole vocabulary) while sampling still truncates;
 - a few GRPO steps with ``rollout.engine=vllm`` through the launcher.
 The engine lives in a Ray rollout actor, as in training (vLLM's CPU worker takes over ``torch.set_num_threads``
 in its process, so it never runs inside the pytest process). The loss/config tests need no vLLM.
@@ -154,8 +155,8 @@ class TestVLLMOnRay:
         same_generations(after, updated.generate(prompts, greedy))
         assert [g.response_ids for g in after] != [g.response_ids for g in before], "the update changed nothing"
 
-        # stop strings mean the same too: two characters from inside a response (not whitespace, which the
-        # transformers engine would also match across the prompt's final newline)
+        # stop strings mean the same too (matched inside the generated text only, in both engines): two
+        # characters from inside a response
         word = next(g.text[1:3] for g in after if len(g.text) >= 4 and "\ufffd" not in g.text[:3]
                     and g.text[1:3].strip() == g.text[1:3])
         stop = SamplingParams(n=1, temperature=0.0, max_new_tokens=24, stop=[word])
@@ -182,6 +183,42 @@ class TestVLLMOnRay:
         rollout = response_values([len(g.prompt_ids) for g in gens], [g.logprobs for g in gens], train.shape[1])
         diff = ((train - rollout).abs() * batch.response_mask).sum() / batch.response_mask.sum()
         assert diff < 1e-4
+
+    @pytest.mark.parametrize("top_p, top_k", [(0.5, 0), (1.0, 20), (0.5, 20)])
+    def test_sampling_logprobs_under_top_p_top_k_are_the_training_engines(self, roles, top_p, top_k):
+        """With truncated sampling vLLM's log-probs are still those of softmax(logits / T) over the whole
+        vocabulary, what the training engine computes (not renormalised over the kept tokens)."""
+        import ray
+
+        from lingshu_rl.grpo.controller import sync_weights
+
+        (r, path) = roles
+        sync_weights(r)
+        prompts, tokenizer = demo_prompts(path, 4)
+        params = SamplingParams(n=4, temperature=0.7, top_p=top_p, top_k=top_k, max_new_tokens=16, seed=11)
+        gens = ray.get(r.rollouts[0].generate.remote(prompts, params))
+        batch = collate([g.prompt_ids for g in gens], [g.response_ids for g in gens], tokenizer.pad_token_id)
+        train = ray.get(r.actor.logprobs.remote(batch, 0.7))
+        rollout = response_values([len(g.prompt_ids) for g in gens], [g.logprobs for g in gens], train.shape[1])
+        diff = (train - rollout).abs() * batch.response_mask
+        mean = float(diff.sum() / batch.response_mask.sum())
+        assert mean < 1e-4 and diff.max() < 1e-3, f"mean |train - rollout| {mean:.4g}, max {float(diff.max()):.4g}"
+        # and the tokens were still drawn from the truncated distribution: each is among the top_k most likely
+        # tokens and inside the top_p nucleus (the mass of the tokens more likely than it is below top_p)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model.load_state_dict(ray.get(r.actor.weights.remote()))
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        for i, g in enumerate(gens):
+            start = len(g.prompt_ids)
+            for t, token in enumerate(g.response_ids):
+                p = probs[i, start + t - 1]
+                above = p > p[token]
+                assert not top_k or int(above.sum()) < top_k
+                assert float(p[above].sum()) < top_p + 1e-4
 
 
 @needs_vllm

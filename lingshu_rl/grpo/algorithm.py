@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 EQUAL_REWARD_RTOL = 1e-6  # rewards closer than this (relative to max(1, |reward|)) count as equal
 
 
@@ -86,6 +85,9 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str, num_tokens: float, num
 
     ``num_tokens`` / ``num_seqs`` are the totals over the whole update (all micro-batches and ranks), so summing
     this over micro-batches gives exactly the full-batch value: gradient accumulation changes nothing.
+    ``num_seqs`` counts only the sequences that contribute, those with at least one masked-in token
+    (:func:`lingshu_rl.train.batch.loss_totals`): a sequence whose mask was zeroed (``grpo.mask_truncated``) adds
+    0 to the sums and must not dilute the mean of the others.
       token-mean:           sum of all tokens / num_tokens         (DAPO; every token weighs the same)
       seq-mean-token-mean:  sum over seqs of (seq token mean) / num_seqs   (original GRPO)
       seq-mean-token-sum:   sum over seqs of (seq token sum) / num_seqs

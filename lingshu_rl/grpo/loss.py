@@ -4,6 +4,13 @@ When the batch carries the rollout engine's sampling log-probs, the loss also re
 the training engine's (``rollout/logprob_abs_diff``) and, with ``tis_cap > 0``, applies truncated importance
 sampling to the policy term: each token's loss is weighted by min(exp(train_logp_old - rollout_logp), tis_cap),
 a constant (no gradient), which corrects for the two engines computing slightly different distributions.
+
+Which distribution the ratio uses: both log-probs are of the sampled token under softmax(logits / temperature)
+over the full vocabulary, the policy the training engine computes; the rollout engine returns that distribution
+too (:mod:`lingshu_rl.rollout.vllm_engine`), also when it samples with top_p < 1 or top_k > 0. The ratio
+therefore measures only the numerical difference between the two engines; top-p/top-k truncation is not part of
+it (as in verl and TRL, the loss does not correct for the truncation). Comparing against log-probs
+renormalised over the kept tokens instead would bias the metric by log(kept mass) and make every weight < 1.
 """
 
 from __future__ import annotations

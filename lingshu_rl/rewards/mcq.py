@@ -20,6 +20,12 @@ removed. Then the first rule below that yields an answer wins; ``Choice.method``
 6. ``text_exact`` / ``text_normalized`` / ``yes_no`` / ``text_fuzzy`` -- the whole response, or its last line,
    is an option's text: verbatim, after :func:`normalize_text`, as a yes/no/maybe synonym, then by rapidfuzz
    ``ratio >= fuzzy_threshold`` and at least ``FUZZY_MARGIN`` points ahead of the runner-up option.
+7. ``text_in_sentence`` -- the whole response is one short sentence (at most ``SHORT_SENTENCE_WORDS`` words)
+   that names exactly one option's text, as whole words after :func:`normalize_text`, without its letter:
+   "The best choice here is metformin." Not when it names two or more options ("either metformin or
+   insulin", "insulin rather than metformin") or negates or hedges ("not metformin", "metformin is
+   contraindicated", "either metformin or a sulfonylurea"); yes/no/maybe options are never read this way
+   ("There is no mass" is not the option "no").
 
 Anything else -- hedges ("A or C", "A, C", "A and C", "either A or B", "A/C", "both A and C"), refusals,
 empty output -- gives ``None``. Lower-case letters count only where they stand alone ("answer: c."), so the
@@ -35,11 +41,19 @@ from dataclasses import dataclass
 
 from rapidfuzz import fuzz
 
-from lingshu_rl.rewards.normalize import (canonical_yes_no, last_boxed, last_tag_content, nfkc, normalize_text,
-                                          strip_think, unwrap_latex)
+from lingshu_rl.rewards.normalize import (
+    canonical_yes_no,
+    last_boxed,
+    last_tag_content,
+    nfkc,
+    normalize_text,
+    strip_think,
+    unwrap_latex,
+)
 from lingshu_rl.rewards.registry import register
 
 FUZZY_MARGIN = 5.0  # points (0-100) the best fuzzy option must beat the runner-up by
+SHORT_SENTENCE_WORDS = 25  # rule 7: the longest one-sentence response read for an option's text inside it
 _MAX_MARKERS = 16  # answer phrases tried, from the last; bounds the work on degenerate (looping) outputs
 _MAX_SPAN = 300  # characters read after an answer phrase
 DEFAULT_LETTERS = frozenset("ABCDEFGHIJ")
@@ -72,8 +86,8 @@ def _key(key: object) -> str:
 
 
 def _context(options: Mapping[str, str] | Sequence[str] | None, threshold: float) -> _Ctx:
-    if not isinstance(options, Mapping) and hasattr(options, "tolist"):  # a numpy array from a parquet column
-        options = options.tolist()
+    if options is not None and not isinstance(options, Mapping) and hasattr(options, "tolist"):
+        options = options.tolist()  # a numpy array from a parquet column
     if options is None or len(options) == 0:
         return _Ctx(DEFAULT_LETTERS, (), threshold)
     if not isinstance(options, Mapping):  # a plain list of option texts: A, B, C, ...
@@ -118,6 +132,9 @@ _CLAUSE_END = re.compile(r"[,;(:—–]|\s-\s|\s(?:because|since|as|which|due)\s
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s|\n")
 _LEADING = re.compile(r"^[ \t]*[(\[]?([A-Za-z])(?:[.)\]:：]|\s+[-–—]\s)[ \t]*(.*)$", re.M)
 _BARE = re.compile(r"\s*(?:(?i:option|choice|answer)\s*[:：]?\s*)?[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.。]?\s*")
+# Words that turn naming an option into rejecting it or hedging (rule 7).
+_NOT_A_PICK = re.compile(r"\b(?:not|no|never|neither|nor|without|avoid|avoided|contraindicated|incorrect|wrong"
+                         r"|unlikely|unless|except|either|or|maybe|perhaps|possibly)\b|n['’]t\b", re.I)
 _MARKDOWN = re.compile(r"\*+|__|`+|^[ \t]*#+[ \t]*|^[ \t]*>[ \t]?", re.M)
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}|\$\s*([A-Za-z])\s*\$")
 
@@ -255,6 +272,18 @@ def _from_text(text: str, ctx: _Ctx) -> tuple[str, str] | None:
     return None
 
 
+def _in_sentence(text: str, ctx: _Ctx) -> tuple[str, str] | None:
+    """Rule 7: a one-sentence response naming exactly one option's text, neither negated nor hedged."""
+    if "\n" in text or len(_SENTENCE_END.split(text)) > 1 or len(text.split()) > SHORT_SENTENCE_WORDS:
+        return None
+    sentence = f" {normalize_text(text)} "
+    named = {k for k, t in ctx.options
+             if canonical_yes_no(t) is None and (norm := normalize_text(t)) and f" {norm} " in sentence}
+    if len(named) != 1 or _NOT_A_PICK.search(text):
+        return None
+    return named.pop(), "text_in_sentence"
+
+
 def _extract(text: str, ctx: _Ctx, containers: bool) -> Choice | None:
     if containers:
         for name, content in (("answer_tag", last_tag_content(text, "answer")), ("boxed", last_boxed(text))):
@@ -265,7 +294,7 @@ def _extract(text: str, ctx: _Ctx, containers: bool) -> Choice | None:
                 return Choice(inner.letter, name)
     if not text:
         return None
-    for rule in (_from_markers, _bare, _leading, _last_line, _from_text):
+    for rule in (_from_markers, _bare, _leading, _last_line, _from_text, _in_sentence):
         if found := rule(text, ctx):
             return Choice(*found)
     return None

@@ -1,26 +1,58 @@
-"""Rollout engine on transformers ``generate`` (sampling with KV cache)."""
+"""Rollout engine on transformers ``generate`` (sampling with KV cache).
+
+A response holds exactly the tokens the policy sampled: up to and including the first end-of-turn token, or up
+to the token that completed a stop string, or all ``max_new_tokens``. ``generate`` fills the rows that finished
+early with the pad id, which may itself be an end-of-turn id (Qwen2.5 base models; Llama without a pad token);
+those fillers are never read as a sampled token. Stop strings match only inside the generated text, never
+across the end of the prompt.
+"""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from lingshu_rl.data.vision import VisionInputs, stack_vision
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
+
+
+class GeneratedStopStrings(StopStringCriteria):
+    """transformers' stop-string matching on the generated tokens only (``generate`` passes the whole sequence,
+    so a stop string could otherwise start in the prompt), remembering where each row stopped.
+
+    ``stopped_at[i]`` is the number of generated tokens when row i first matched, -1 if it never did; kept on the
+    device (no synchronisation per decoding step).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str], prompt_width: int):
+        super().__init__(tokenizer, stop_strings)
+        self.prompt_width = prompt_width
+        self.stopped_at: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        generated = input_ids[:, self.prompt_width:]  # left padding: every row's generation starts here
+        hit = super().__call__(generated, scores)
+        if self.stopped_at is None:
+            self.stopped_at = torch.full(hit.shape, -1, dtype=torch.long, device=hit.device)
+        first = hit & (self.stopped_at < 0)
+        self.stopped_at = torch.where(first, generated.shape[1], self.stopped_at)
+        return hit
 
 
 class TransformersRollout:
     def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", trust_remote_code: bool = False, max_batch: int = 64):
         self.tokenizer, self.device, self.max_batch = tokenizer, torch.device(device), max_batch
+        from lingshu_rl.rollout.vllm_engine import end_of_turn_ids  # the same stop tokens in both engines
         from lingshu_rl.train.torch_engine import load_model  # a causal LM or a vision-language model
 
-        self.model = load_model(model_path, dtype, trust_remote_code).to(self.device)
+        self.model = load_model(model_path, dtype, trust_remote_code, self.device)
         self.model.eval()
-        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",) if t in tokenizer.get_vocab()}
-                              | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.eos_ids = end_of_turn_ids(tokenizer)
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -56,25 +88,28 @@ class TransformersRollout:
         config = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p, top_k=(params.top_k or None) if not greedy else None,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            stop_strings=params.stop or None)
+            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        stop = GeneratedStopStrings(self.tokenizer, params.stop, width) if params.stop else None
         input_ids = input_ids.to(self.device)
-        sequences = self.model.generate(input_ids=input_ids, attention_mask=attention.to(self.device),
-                                        generation_config=config, tokenizer=self.tokenizer if params.stop else None,
-                                        **self._vision_kwargs(input_ids, visions))
+        model: Any = self.model  # generate's typed self (GenerativePreTrainedModel) is not what loading declares
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention.to(self.device),
+                                   generation_config=config,
+                                   stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+                                   **self._vision_kwargs(input_ids, visions))
+        rows = sequences[:, width:].tolist()
+        stopped_at = stop.stopped_at.tolist() if stop is not None and stop.stopped_at is not None else [-1] * len(rows)
         generations = []
-        for prompt, row in zip(prompts, sequences[:, width:].tolist()):
-            response, finish = [], "length"
-            for token in row:
-                response.append(token)
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-            while finish == "length" and response and response[-1] == self.pad_id:  # padding after a stop string
-                response.pop()
-            text = self.tokenizer.decode(response, skip_special_tokens=True)
-            if finish == "length" and params.stop and any(s in text for s in params.stop):
-                finish = "stop"
+        for prompt, row, stop_end in zip(prompts, rows, stopped_at):
+            # the sampled tokens end at the first end-of-turn token or where a stop string was completed,
+            # whichever came first; what follows is generate's padding, even when the pad id is an eos id
+            end, finish = len(row), "length"
+            eos_at = next((k for k, token in enumerate(row) if token in self.eos_ids), None)
+            if eos_at is not None:
+                end, finish = eos_at + 1, "stop"
+            if 0 < stop_end <= end:
+                end, finish = stop_end, "stop"
+            response = row[:end]
+            text = cast(str, self.tokenizer.decode(response, skip_special_tokens=True))
             generations.append(Generation(list(prompt), response, text, finish))
         return generations
 

@@ -6,10 +6,22 @@ generation stops at the end-of-turn token (kept as the last response token) or a
 seed goes to torch's global generator before the call, as in the transformers engine: vLLM's sampler draws
 from it for requests without a seed of their own, while per-request seeds cost a generator and a Python loop
 per request and decoding step (measured: 0.53 s instead of 0.37 s for 64 x 32 tokens of the tiny model).
-Otherwise (engine worker processes) each prompt gets its own seed drawn from ``seed``. Each response also
-carries vLLM's own sampling log-probs (``logprobs_mode="processed_logprobs"``: after temperature, top-k and
-top-p), used only for the rollout-vs-training mismatch metric and the optional truncated importance-sampling
-correction; the loss always uses the training engine's log-probs.
+Otherwise (engine worker processes) each prompt gets its own seed drawn from ``seed``.
+
+Sampling log-probs: the distribution the training engine computes
+-----------------------------------------------------------------
+Each response carries vLLM's own log-prob of every sampled token, used only for the rollout-vs-training
+mismatch metric (``rollout/logprob_abs_diff``) and the optional truncated importance-sampling correction; the
+loss always uses the training engine's log-probs. They are log-probs of the same distribution the training
+engine computes: ``log_softmax(logits / temperature)`` over the full vocabulary, whatever ``top_p`` / ``top_k``
+are. vLLM has no log-prob mode for exactly that (vllm 0.32: ``raw_logprobs`` / ``raw_logits`` are taken before
+the temperature; ``processed_logprobs`` after top-k/top-p, renormalised over the kept tokens, which is biased by
+the log of the kept mass; ``processed_logits`` are not normalised), so the temperature is moved into the model: the
+``scale`` of vLLM's logits processor (where it applies a model's own logit scale, 1 for Qwen2 and Llama) is
+divided by the temperature, vLLM samples at temperature 1, and ``logprobs_mode="raw_logprobs"`` returns
+``log_softmax(logits / temperature)``. Sampling is unchanged: vLLM applies the temperature before top-k/top-p
+anyway. (In bfloat16 the scaled logits are rounded to bfloat16 once more; vLLM's
+``hf_overrides={"head_dtype": "float32"}`` keeps the head in float32.)
 
 How new weights reach vLLM after each update (in place: no files, no engine restart)
 ------------------------------------------------------------------------------------
@@ -40,7 +52,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +60,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lingshu_rl.data.vision import IMAGE_PAD, VisionInputs, compact_image_pads
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
+
+if TYPE_CHECKING:  # vLLM is an optional dependency
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import Logprob
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU unless VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
 MAX_IMAGES_PER_PROMPT = 4  # images vLLM reserves room for per prompt (vision-language models)
@@ -60,7 +76,8 @@ def vllm_available() -> bool:
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a response: ``<|im_end|>`` when the vocabulary has it, and the tokenizer's eos."""
-    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")} if "<|im_end|>" in tokenizer.get_vocab() else set()
+    vocab = tokenizer.get_vocab()
+    ids = {vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set()
     return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
@@ -75,8 +92,19 @@ def _reload_weights(worker: Any, weights: dict[str, Tensor]) -> None:
     worker.reload_weights(weights_iterator=iter(weights.items()))
 
 
+def _divide_logits_by(worker: Any, temperature: float) -> None:
+    """Runs on every vLLM worker (``collective_rpc``): the model's logits come out divided by ``temperature``."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    for module in worker.get_model().modules():
+        if isinstance(module, LogitsProcessor):
+            own = module.__dict__.setdefault("lingshu_model_scale", module.scale)  # the model's own logit scale
+            module.scale = own / temperature
+
+
 class VLLMRollout:
-    def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
+    def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase,
+                 dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False,
                  seed: int = 0, trust_remote_code: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: no pickled weights
@@ -102,8 +130,9 @@ class VLLMRollout:
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
             trust_remote_code=trust_remote_code, enforce_eager=on_cpu, enable_prefix_caching=True,
             generation_config="vllm",  # stop tokens are ours (as in the transformers engine), not generation_config's
-            logprobs_mode="processed_logprobs", **extra)
+            logprobs_mode="raw_logprobs", **extra)  # with the temperature in the model: the trainer's log-probs
         self.tokenizer, self.sleep_mode, self.asleep = tokenizer, enable_sleep_mode, False
+        self.logit_temperature = 1.0  # what the model's logits are divided by now
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and tensor_parallel_size == 1
         self.eos_ids = end_of_turn_ids(tokenizer)
 
@@ -113,6 +142,7 @@ class VLLMRollout:
 
         self._wake()
         greedy = params.temperature == 0
+        self._set_logit_temperature(1.0 if greedy else params.temperature)  # see "Sampling log-probs" above
         copies, n = (params.n, 1) if greedy else (1, params.n)  # vLLM refuses n > 1 with greedy: repeat prompts
         expanded = [p for p in prompts for _ in range(copies)]
         visions = [v for v in (images or [None] * len(prompts)) for _ in range(copies)]
@@ -120,7 +150,7 @@ class VLLMRollout:
         if self.in_process:  # the sampler draws from this process's global generator (see the module docstring)
             torch.manual_seed(params.seed)
         requests = [VLLMSamplingParams(
-            n=n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+            n=n, temperature=0.0 if greedy else 1.0, top_p=1.0 if greedy else params.top_p,
             top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
             stop_token_ids=self.eos_ids, seed=None if self.in_process else rng.getrandbits(31), logprobs=0,
             detokenize=bool(params.stop))  # text is decoded below, as the transformers engine does
@@ -130,23 +160,29 @@ class VLLMRollout:
         for prompt, output in zip(expanded, outputs):
             for sample in sorted(output.outputs, key=lambda c: c.index):  # n per prompt, grouped by prompt
                 ids = list(sample.token_ids)
-                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)] \
-                    if sample.logprobs is not None else None
+                # one {token: Logprob} per step, the sampled token always in it (vLLM types a step as optional)
+                logprobs = [cast("dict[int, Logprob]", step)[token].logprob
+                            for step, token in zip(sample.logprobs, ids)] if sample.logprobs is not None else None
                 finish = "stop" if sample.finish_reason == "stop" else "length"
-                generations.append(Generation(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                                              finish, logprobs))
+                text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
+                generations.append(Generation(list(prompt), ids, text, finish, logprobs))
         if self.sleep_mode:  # free the GPU for the actor's update until the next load_weights
             self.llm.sleep(level=1)
             self.asleep = True
         return generations
 
-    def _request(self, prompt: list[int], vision: VisionInputs | None) -> dict[str, Any]:
+    def _set_logit_temperature(self, temperature: float) -> None:
+        if temperature != self.logit_temperature:
+            self.llm.collective_rpc(_divide_logits_by, args=(temperature,))
+            self.logit_temperature = temperature
+
+    def _request(self, prompt: list[int], vision: VisionInputs | None) -> TokensPrompt:
         if vision is None:
             return {"prompt_token_ids": prompt}
         if not self.multimodal:
             raise ValueError("a prompt has images but the model has no vision tower")
         # vLLM expands one <|image_pad|> per image itself (and would expand an expanded prompt again, silently)
-        pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        pad_id = cast(int, self.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
         return {"prompt_token_ids": compact_image_pads(prompt, pad_id), "multi_modal_data": {"image": vision.images}}
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:

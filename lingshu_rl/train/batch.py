@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from lingshu_rl.data.vision import VisionInputs, merge_vision, stack_vision
-
 
 _VISION = ("pixel_values", "image_grid_thw", "image_counts")
 
@@ -41,15 +41,16 @@ class TokenBatch:
 
     def select(self, index: slice | Tensor) -> TokenBatch:
         """Rows ``index`` of every tensor, trimmed to the longest remaining sequence (images follow their rows)."""
-        picked = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _VISION}
+        picked: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _VISION}
         picked = {k: (v[index] if v is not None else None) for k, v in picked.items()}
         length = int(picked["attention_mask"].sum(dim=1).max().item()) if len(picked["input_ids"]) else 0
         trimmed = {k: (v[:, :length] if v is not None and v.dim() == 2 else v) for k, v in picked.items()}
         return TokenBatch(**trimmed, **self._select_images(index))
 
-    def _select_images(self, index: slice | Tensor) -> dict[str, Tensor | None]:
+    def _select_images(self, index: slice | Tensor) -> dict[str, Tensor]:
         if self.image_counts is None:
             return {}
+        assert self.image_grid_thw is not None and self.pixel_values is not None  # images come with all three
         rows = torch.arange(len(self))[index].tolist()
         first_image = torch.cumsum(self.image_counts, 0) - self.image_counts
         patches = self.image_grid_thw.prod(dim=-1)
@@ -63,7 +64,16 @@ class TokenBatch:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
     def with_(self, **changes: Tensor | None) -> TokenBatch:
-        return replace(self, **changes)
+        return replace(self, **cast(dict[str, Any], changes))  # None only ever goes to the optional fields
+
+
+def loss_totals(batch: TokenBatch) -> tuple[float, float]:
+    """``(num_tokens, num_seqs)`` of a whole update, the divisors of the loss aggregation: the response tokens
+    learnt from, and the sequences with at least one of them. A sequence whose mask was zeroed (e.g. a truncated
+    response under ``grpo.mask_truncated``) adds nothing to the loss, so it is not counted either: it would
+    only dilute the sequence-level means. Both are at least 1 (an all-masked update has loss 0)."""
+    per_seq = batch.response_mask.sum(dim=-1)
+    return float(per_seq.sum().clamp(min=1)), float((per_seq > 0).sum().clamp(min=1))
 
 
 def with_vision(batch: TokenBatch, rows: Sequence[VisionInputs | None]) -> TokenBatch:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
 from lingshu_rl.config import ModelConfig, TrainConfig
 from lingshu_rl.data.vision import copy_processor_files
 from lingshu_rl.grpo.algorithm import entropy_from_logits, token_logprobs
-from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.batch import TokenBatch, loss_totals
 from lingshu_rl.train.optim import make_optimizer
 from lingshu_rl.train.protocol import Loss
 
@@ -43,14 +43,17 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch
     return trainable
 
 
-def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool,
+               device: torch.device | str = "cpu") -> PreTrainedModel:
     """A causal LM, or a vision-language model (Qwen2-VL family: its config has a ``vision_config``)."""
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    # transformers wraps Module.to with functools.wraps, which type checkers read as an unbound signature
+    return model.to(device)  # type: ignore[arg-type]
 
 
-def multimodal_positions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+def multimodal_positions(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
                          image_grid_thw: Tensor | None) -> Tensor:
     """Qwen2-VL-family 3-D rotary positions (text, height, width) for a padded batch; image tokens get their
     patch coordinates. Passing them explicitly keeps padded rows exact and avoids the model's cached state."""
@@ -60,7 +63,7 @@ def multimodal_positions(model: torch.nn.Module, input_ids: Tensor, attention_ma
     return positions
 
 
-def packed_multimodal_positions(model: torch.nn.Module, input_ids: Tensor, segment_ids: Tensor,
+def packed_multimodal_positions(model: PreTrainedModel, input_ids: Tensor, segment_ids: Tensor,
                                 image_grid_thw: Tensor | None) -> Tensor:
     """:func:`multimodal_positions` for packed rows: every packed sample gets its own positions, from 0, as if
     it were alone (its images are the next ones of the row's, in order)."""
@@ -104,7 +107,7 @@ class TorchEngine:
         self.model_path = model_path
         self.device = pick_device(train_cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        self.model = load_model(model_path, _DTYPES[model_cfg.dtype], model_cfg.trust_remote_code).to(self.device)
+        self.model = load_model(model_path, _DTYPES[model_cfg.dtype], model_cfg.trust_remote_code, self.device)
         self.multimodal = hasattr(self.model.config, "vision_config")
         self.model.config.use_cache = False
         self.trainable = trainable
@@ -123,6 +126,7 @@ class TorchEngine:
         if self.multimodal:
             return self._multimodal_logits(batch)
         if batch.segment_ids is not None:  # packed rows: block-diagonal causal mask, positions restart per sample
+            assert batch.position_ids is not None, "packed rows carry their positions (train.batch.pack)"
             mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
             positions = batch.position_ids.to(self.device)
         else:
@@ -145,12 +149,19 @@ class TorchEngine:
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        start = 0
-        for micro in batch.chunks(self.cfg.micro_batch_size):
-            lp = token_logprobs(self._logits(micro), micro.input_ids.to(self.device), temperature).cpu()
-            out[start:start + len(micro), :lp.shape[1]] = lp
-            start += len(micro)
+        """Per-token log-probs ``[N, T]`` of the policy itself (old / reference log-probs): dropout off, so the
+        values are deterministic and those of the model that sampled; the previous train/eval mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+            start = 0
+            for micro in batch.chunks(self.cfg.micro_batch_size):
+                lp = token_logprobs(self._logits(micro), micro.input_ids.to(self.device), temperature).cpu()
+                out[start:start + len(micro), :lp.shape[1]] = lp
+                start += len(micro)
+        finally:
+            self.model.train(was_training)
         return out * batch.response_mask
 
     def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
@@ -164,8 +175,7 @@ class TorchEngine:
         return metrics
 
     def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        num_tokens = float(batch.response_mask.sum().clamp(min=1))
-        num_seqs = float(len(batch))
+        num_tokens, num_seqs = loss_totals(batch)  # over this whole update: micro-batching stays exact
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         finite = True
@@ -193,7 +203,7 @@ class TorchEngine:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0],
+        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": float(self.scheduler.get_last_lr()[0]),
                 "actor/nan_skipped": 0.0 if finite else 1.0}
 
     def weights(self) -> dict[str, Tensor]:

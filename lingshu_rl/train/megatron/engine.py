@@ -18,6 +18,7 @@ FFN columns and vocabulary rows, and megatron's parallel layers exchange activat
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
-from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.batch import TokenBatch, loss_totals
 from lingshu_rl.train.megatron import cpu_compat
 from lingshu_rl.train.megatron.convert import GPTSpec, hf_names_of, hf_to_megatron, merge_to_hf, partition_dim
 from lingshu_rl.train.megatron.model import attention_mask, build_model, load_shards, mrope_positions
@@ -56,7 +57,7 @@ class HFCheckpoint(Mapping[str, Tensor]):
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
             ["model.safetensors"]
         self._handles = [safe_open(str(directory / f), framework="pt") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
+        self._where = {key: h for h in self._handles for key in h.keys()}  # noqa: SIM118 (no __iter__)
 
     def __getitem__(self, key: str) -> Tensor:
         return self._where[key].get_tensor(key)
@@ -153,6 +154,7 @@ class MegatronEngine:
         input_ids = batch.input_ids.to(self.device)
         segments = batch.segment_ids
         if segments is not None:  # packed rows: positions restart per sample, block-diagonal causal mask
+            assert batch.position_ids is not None, "packed rows carry their positions (train.batch.pack)"
             positions, segments = batch.position_ids.to(self.device), segments.to(self.device)
         else:
             positions = (batch.attention_mask.to(self.device).cumsum(dim=-1) - 1).clamp(min=0)
@@ -176,12 +178,19 @@ class MegatronEngine:
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        start = 0
-        for micro in batch.chunks(self.cfg.micro_batch_size):
-            lp, _ = self._token_stats(self._logits(micro), micro.input_ids.to(self.device), temperature, False)
-            out[start:start + len(micro), :lp.shape[1]] = lp.cpu()
-            start += len(micro)
+        """Per-token log-probs ``[N, T]`` of the policy itself (old / reference log-probs): dropout off, so the
+        values are deterministic and those of the model that sampled; the previous train/eval mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+            start = 0
+            for micro in batch.chunks(self.cfg.micro_batch_size):
+                lp, _ = self._token_stats(self._logits(micro), micro.input_ids.to(self.device), temperature, False)
+                out[start:start + len(micro), :lp.shape[1]] = lp.cpu()
+                start += len(micro)
+        finally:
+            self.model.train(was_training)
         return out * batch.response_mask
 
     # --- update ---------------------------------------------------------------------------------------------
@@ -197,8 +206,7 @@ class MegatronEngine:
         return metrics
 
     def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        num_tokens = float(batch.response_mask.sum().clamp(min=1))
-        num_seqs = float(len(batch))
+        num_tokens, num_seqs = loss_totals(batch)  # over this whole update: micro-batching stays exact
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         finite = True
@@ -222,7 +230,7 @@ class MegatronEngine:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0],
+        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": float(self.scheduler.get_last_lr()[0]),
                 "actor/nan_skipped": 0.0 if finite else 1.0}
 
     def _clip_grad_norm(self, max_norm: float) -> float:
@@ -292,6 +300,7 @@ class MegatronEngine:
         directory = Path(directory)
         weights = self.weights()
         if self.rank == 0:
+            assert self.tokenizer is not None  # rank 0 loads it
             model_dir = directory / "model"
             model_dir.mkdir(parents=True, exist_ok=True)
             if self.spec.tied_embeddings:
@@ -299,10 +308,8 @@ class MegatronEngine:
             save_torch_state_dict({k: v.contiguous() for k, v in weights.items()}, model_dir)
             self.hf_config.save_pretrained(model_dir)
             self.tokenizer.save_pretrained(model_dir)
-            try:
+            with contextlib.suppress(OSError):  # OSError: the checkpoint has no generation_config.json
                 GenerationConfig.from_pretrained(self.model_path).save_pretrained(model_dir)
-            except OSError:  # the checkpoint has no generation_config.json
-                pass
         if self.trainable:
             path = directory / "megatron" / f"optimizer_tp{self.rank}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
