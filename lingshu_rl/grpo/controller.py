@@ -109,7 +109,8 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
         gens = generate(roles, [p.ids for p in prompts], params, visions)  # [B*n], grouped by prompt
     with timer.phase("score"):
         owners = [p for p in prompts for _ in range(n)]
-        scored = pool.score([ScoreItem(g.text, p.sample.answer, p.sample.reward_fields()) for g, p in zip(gens, owners)])
+        scored = pool.score([ScoreItem(g.text, p.sample.answer, p.sample.reward_fields())
+                             for g, p in zip(gens, owners)])
     rewards = torch.tensor(scored.scores, dtype=torch.float32).view(len(prompts), n)  # [B, n]
     keep = informative_groups(rewards) if cfg.grpo.dynamic_sampling else torch.ones(len(prompts), dtype=torch.bool)
     advantages = group_advantages(rewards, cfg.grpo.adv_scale)  # [B, n]
