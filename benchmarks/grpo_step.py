@@ -218,7 +218,7 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lingshu_rl.grpo.algorithm import token_logprobs
+    from lingshu_rl.train.logprob import token_logprobs
     from lingshu_rl.train.batch import collate
 
     with PeakMemory() as memory:

@@ -57,6 +57,11 @@ class RolloutConfig:
 @dataclass
 class TrainConfig:
     engine: Literal["torch", "megatron"] = "torch"  # megatron: megatron-core tensor parallel (extra [megatron])
+    strategy: Literal["none", "fsdp2"] = "none"  # torch engine: none = one device; fsdp2 = sharded data parallel
+    data_parallel_size: int = 1  # fsdp2: ranks (Ray actors, one device each); each update's batch split by tokens
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for compute)
+    offload: bool = False  # fsdp2: parameters, gradients and optimizer state live in CPU memory between uses
+    logprob_chunk: int = 1024  # response positions whose logits are formed at once (memory: chunk x vocab)
     tensor_parallel_size: int = 1  # megatron engine: ranks (Ray actors, one GPU each) sharing the model
     pipeline_parallel_size: int = 1  # megatron engine: only 1 is supported for now
     lr: float = 1e-6
@@ -345,6 +350,14 @@ def validate(config: RunConfig) -> None:
         (config.train.pipeline_parallel_size == 1, "train.pipeline_parallel_size: only 1 is supported"),
         (config.train.engine == "megatron" or config.train.tensor_parallel_size == 1,
          "train.tensor_parallel_size > 1 needs train.engine=megatron"),
+        (config.train.data_parallel_size >= 1, "train.data_parallel_size must be >= 1"),
+        (config.train.strategy == "none" or config.train.engine == "torch",
+         "train.strategy=fsdp2 is the torch engine's (megatron shards by train.tensor_parallel_size)"),
+        (config.train.data_parallel_size == 1 or config.train.strategy == "fsdp2",
+         "train.data_parallel_size > 1 needs train.engine=torch with train.strategy=fsdp2 (megatron data "
+         "parallelism is not built yet)"),
+        (not config.train.offload or config.train.strategy == "fsdp2", "train.offload needs train.strategy=fsdp2"),
+        (config.train.logprob_chunk >= 1, "train.logprob_chunk must be >= 1"),
         (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
          "checkpoint.every and checkpoint.keep must be >= 1"),
         (config.reward.timeout_s > 0, "reward.timeout_s must be > 0"),

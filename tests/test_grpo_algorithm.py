@@ -11,10 +11,10 @@ from lingshu_rl.grpo.algorithm import (
     group_advantages,
     informative_groups,
     kl_estimate,
-    token_logprobs,
 )
 from lingshu_rl.grpo.loss import GRPOLoss
 from lingshu_rl.train.batch import TokenBatch, collate
+from lingshu_rl.train.logprob import token_logprobs
 from lingshu_rl.train.optim import lr_factor
 
 

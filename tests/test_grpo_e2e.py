@@ -95,7 +95,7 @@ def test_grpo_end_to_end(reference_run: tuple[Path, str]) -> None:
     assert (out_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
     ckpt = out_dir / "checkpoints" / "step_000004"
-    assert (ckpt / "model" / "model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert (ckpt / "model" / "model.safetensors").is_file() and (ckpt / "train_state" / ".metadata").is_file()
     assert json.loads((ckpt / "state.json").read_text())["data_position"] == 16
     assert list((out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert "step 4/4" in output and f"output directory: {out_dir.resolve()}" in output

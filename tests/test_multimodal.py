@@ -15,7 +15,6 @@ from lingshu_rl.data.vision import (
     ImageError, compact_image_pads, encode_conversation_with_images, encode_prompt_with_images, load_image,
     load_image_processor)
 from lingshu_rl.data.demo import demo_sft_sample
-from lingshu_rl.grpo.algorithm import token_logprobs
 from lingshu_rl.train.batch import collate, collate_masked, pack, with_vision
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.torch_engine import TorchEngine
@@ -97,10 +96,10 @@ def test_sft_update_with_images_freezes_the_vision_tower(engine: TorchEngine, de
     rows = [encode_conversation_with_images(engine.tokenizer, processor, demo_sft_sample(s)) for s in demo[0][:4]]
     batch = with_vision(collate_masked([(i, m) for i, m, _ in rows], engine.tokenizer.pad_token_id),
                         [v for _, _, v in rows])
-    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in engine.lm.named_parameters()}
     metrics = engine.update(batch, SFTLoss())
     assert torch.isfinite(torch.tensor(metrics["sft/loss"])) and metrics["actor/nan_skipped"] == 0
-    after = dict(engine.model.named_parameters())
+    after = dict(engine.lm.named_parameters())
     visual = [n for n in before if n.startswith("model.visual.")]
     assert visual and all(torch.equal(before[n], after[n]) for n in visual)
     assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
@@ -121,12 +120,12 @@ def test_packed_rows_with_images_give_the_unpacked_loss(engine: TorchEngine, dem
     assert len(packed) < len(rows) and int(packed.segment_ids.max()) >= 2
     losses = []
     for batch in (with_vision(collate_masked(tokens, pad), visions), packed):
-        logprobs = token_logprobs(engine._logits(batch), batch.input_ids) * batch.response_mask
+        logprobs = engine.forward(batch, 1.0, False)[0]
         losses.append(SFTLoss()(logprobs, None, batch, float(batch.response_mask.sum()), float(len(batch)))[0].item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     swapped = pack(tokens, max_length=2 * max(len(i) for i, _ in tokens), pad_id=pad,
                    visions=[visions[2], visions[1], visions[0], visions[3], visions[4]])  # images on the wrong rows
-    logprobs = token_logprobs(engine._logits(swapped), swapped.input_ids) * swapped.response_mask
+    logprobs = engine.forward(swapped, 1.0, False)[0]
     wrong = SFTLoss()(logprobs, None, swapped, float(swapped.response_mask.sum()), float(len(swapped)))[0].item()
     assert abs(wrong - losses[0]) > 1e-4
 

@@ -9,7 +9,6 @@ from transformers import AutoTokenizer
 from lingshu_rl.config import ModelConfig, SFTSourceConfig, SFTStageConfig, TrainConfig
 from lingshu_rl.data.chat import encode_conversation
 from lingshu_rl.data.sample import Sample
-from lingshu_rl.grpo.algorithm import token_logprobs
 from lingshu_rl.models.tiny import build_tiny_model
 from lingshu_rl.sft.data import plan_steps
 from lingshu_rl.train.batch import collate_masked, pack
@@ -66,10 +65,10 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(model_dir: str, toke
     for batch in (collate_masked(rows, pad), packed):
         engine.model.zero_grad()
         num_tokens = float(batch.response_mask.sum())
-        logprobs = token_logprobs(engine._logits(batch), batch.input_ids) * batch.response_mask
+        logprobs = engine.forward(batch, 1.0, False)[0]
         loss, _ = SFTLoss()(logprobs, None, batch, num_tokens, float(len(batch)))
         loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in engine.model.named_parameters()}))
+        results.append((loss.item(), {n: p.grad.clone() for n, p in engine.lm.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-6)
     for name, grad in grads_a.items():
@@ -96,9 +95,9 @@ def test_frozen_parameters_do_not_move(model_dir: str, tokenizer) -> None:
     cfg = TrainConfig(lr=1e-2, freeze=["model.embed_tokens.*", "model.layers.0.*"],
                       lr_groups={"model.layers.3.*": 1e-4})
     engine = TorchEngine(model_dir, ModelConfig(), cfg, total_steps=1)
-    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in engine.lm.named_parameters()}
     engine.update(collate_masked([encode_conversation(tokenizer, conversation(1))], tokenizer.pad_token_id), SFTLoss())
-    after = dict(engine.model.named_parameters())
+    after = dict(engine.lm.named_parameters())
     for name, value in before.items():
         moved = not torch.equal(value, after[name].detach())
         frozen = name.startswith(("model.embed_tokens.", "model.layers.0."))

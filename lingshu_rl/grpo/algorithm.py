@@ -100,21 +100,3 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str, num_tokens: float, num
     if mode == "seq-mean-token-sum":
         return masked.sum() / num_seqs
     raise ValueError(f"unknown loss aggregation {mode!r}")
-
-
-def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of each token under the logits of the previous position: ``[N, T]`` (position 0 -> 0).
-
-    Logits are divided by the sampling temperature so the policy matches the distribution sampled from.
-    """
-    logits = logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:]
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.nn.functional.pad(picked, (1, 0), value=0.0)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-position entropy of the next-token distribution, aligned like :func:`token_logprobs`."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return torch.nn.functional.pad(entropy, (1, 0), value=0.0)

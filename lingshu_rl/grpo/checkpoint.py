@@ -1,6 +1,8 @@
 """Checkpoints: ``OUTPUT_DIR/checkpoints/step_000010/`` holding the policy as a Hugging Face model
-(``model/``, safetensors), ``optimizer.pt`` (optimiser + scheduler), ``rng.pt`` and ``state.json`` (step,
-data position, ...). Written into a temporary directory and renamed, so a checkpoint is complete or absent.
+(``model/``, safetensors), the engine's training state (torch engine: ``train_state/``, float32 weights and
+optimiser state sharded by ``torch.distributed.checkpoint``, and ``scheduler.pt``; megatron: ``megatron/``),
+``rng.pt`` and ``state.json`` (step, data position, ...). Written into a temporary directory and renamed, so a
+checkpoint is complete or absent.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Colocated (one machine, the default): the roles share one placement-group bundle
 gets a fraction of it. Not colocated (a cluster): each role gets its own placement group, with one bundle
 per rollout worker, sized by the ``cluster.*_cpus`` / ``*_gpus`` settings.
 
-With ``train.engine: megatron`` the actor (and the reference) is a group of ``train.tensor_parallel_size`` rank
-actors (:class:`~lingshu_rl.train.megatron.group.MegatronGroup`, driven like one worker): colocated, the ranks
-split the role's share; not colocated, the role's placement group has one ``actor_*``/``ref_*``-sized bundle
-per rank (give each ``actor_gpus: 1``), packed STRICT_PACK on one node.
+With ``train.strategy: fsdp2`` (``train.data_parallel_size`` ranks) or ``train.engine: megatron``
+(``train.tensor_parallel_size`` ranks) the actor (and the reference) is a group of rank actors
+(:class:`~lingshu_rl.train.group.PolicyGroup`, driven like one worker): colocated, the ranks split the role's
+share; not colocated, the role's placement group has one ``actor_*``/``ref_*``-sized bundle per rank (give each
+``actor_gpus: 1``), a tensor-parallel group packed STRICT_PACK on one node.
 
 A layout the cluster cannot hold stops before any actor starts (:func:`check_fits`), and a group Ray does not
 place within ``cluster.placement_timeout_s`` stops with the role it waits for: never a silent hang.
@@ -26,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lingshu_rl.config import ClusterConfig, RunConfig
 from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
-from lingshu_rl.train.megatron.group import MegatronGroup, kill_policy, terminate_policy
+from lingshu_rl.train.group import PolicyGroup, group_sizes, is_group, kill_policy, terminate_policy
 
 ACTOR, ROLLOUT, REF = "lingshu/actor-0", "lingshu/rollout-{}", "lingshu/ref-0"
 
@@ -81,7 +82,8 @@ def _fmt(resources: dict[str, float]) -> str:
 
 
 def _policy_ranks(cfg: RunConfig) -> int:
-    return cfg.train.tensor_parallel_size if cfg.train.engine == "megatron" else 1
+    dp, tp = group_sizes(cfg.train)
+    return dp * tp
 
 
 def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
@@ -94,12 +96,13 @@ def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
     if c.colocate:
         return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""), [bundle(c.actor_cpus, c.actor_gpus)],
                              "PACK")]
-    tp = _policy_ranks(cfg)
-    ranks_strategy = "STRICT_PACK" if tp > 1 else "PACK"  # a tensor-parallel group talks every layer: one node
-    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus)] * tp, ranks_strategy),
+    ranks = _policy_ranks(cfg)
+    # a tensor-parallel group talks every layer: one node; data-parallel ranks may spread over nodes
+    ranks_strategy = "STRICT_PACK" if group_sizes(cfg.train)[1] > 1 else "PACK"
+    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus)] * ranks, ranks_strategy),
                 GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus)] * cfg.rollout.num_workers, "PACK")]
     if with_ref:
-        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus)] * tp, ranks_strategy))
+        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus)] * ranks, ranks_strategy))
     return requests
 
 
@@ -170,9 +173,10 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
     with_ref = ref_path is not None
     c = cfg.cluster
     num_rollouts = cfg.rollout.num_workers
-    tp = _policy_ranks(cfg)
-    if c.colocate and tp > 1 and c.actor_gpus:
-        raise ValueError("train.tensor_parallel_size > 1 on GPUs needs cluster.colocate=false (one GPU per rank)")
+    ranks = _policy_ranks(cfg)
+    if c.colocate and ranks > 1 and c.actor_gpus:
+        raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
+                         "GPUs needs cluster.colocate=false (one GPU per rank)")
     requests = layout(cfg, with_ref)
     check_fits(requests, cfg.reward.workers)
     groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
@@ -194,20 +198,20 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
                 "max_restarts": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, index)}
 
     def policy(slot: str, name: str, path: str, trainable: bool, threads: int) -> Any:
-        if cfg.train.engine != "megatron":
+        if not is_group(cfg.train):
             return ray.remote(PolicyWorker).options(**options(slot, name)).remote(
                 path, cfg.model, cfg.train, total_steps, trainable, cfg.seed, threads)
 
         def rank_options(rank: int) -> dict[str, Any]:  # colocated: the ranks split the share; else bundle r
-            opts = options(slot, name if rank == 0 else f"{name}/tp{rank}")
+            opts = options(slot, name if rank == 0 else f"{name}/rank{rank}")
             if c.colocate:
-                opts.update(num_cpus=opts["num_cpus"] / tp, num_gpus=opts["num_gpus"] / tp)
+                opts.update(num_cpus=opts["num_cpus"] / ranks, num_gpus=opts["num_gpus"] / ranks)
             else:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(slots[slot][0], rank)
             return opts
 
-        return MegatronGroup.start(tp, rank_options, path, cfg.model, cfg.train, total_steps, trainable, cfg.seed,
-                                   max(1, threads // tp) if c.colocate else threads)
+        return PolicyGroup.start(rank_options, path, cfg.model, cfg.train, total_steps, trainable, cfg.seed,
+                                 max(1, threads // ranks) if c.colocate else threads)
 
     device = cfg.train.device
     started: list[Any] = []
@@ -218,7 +222,7 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
             policy_path, cfg.model, cfg.rollout, device, _threads(c, c.rollout_cpus)) for i in range(num_rollouts)]
         started += rollouts
         ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if ref_path is not None else None
-    except Exception as err:  # a megatron group starts synchronously: clean up what did start
+    except Exception as err:  # a group of ranks starts synchronously: clean up what did start
         for handle in started:
             kill_policy(handle)
         for group in groups:
@@ -236,12 +240,12 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
 
 def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: Any, total_steps: int, trainable: bool,
                         name: str, threads: int) -> Any:
-    """A lone policy worker outside the GRPO roles (the SFT stages): a ``PolicyWorker`` actor, or a megatron
-    group with its ranks sharing this worker's (zero) CPU reservation. End it with :func:`kill_policy`."""
+    """A lone policy worker outside the GRPO roles (the SFT stages): a ``PolicyWorker`` actor, or a group of
+    ranks (FSDP2, megatron) sharing this worker's (zero) CPU reservation. End it with :func:`kill_policy`."""
     opts = {"name": name, "num_cpus": 0, "max_restarts": 0}
-    if train_cfg.engine != "megatron":
+    if not is_group(train_cfg):
         return ray.remote(PolicyWorker).options(**opts).remote(model_path, cfg.model, train_cfg, total_steps,
                                                                 trainable, cfg.seed, threads)
-    tp = train_cfg.tensor_parallel_size
-    return MegatronGroup.start(tp, lambda r: {**opts, "name": name if r == 0 else f"{name}/tp{r}"}, model_path,
-                               cfg.model, train_cfg, total_steps, trainable, cfg.seed, max(1, threads // tp))
+    dp, tp = group_sizes(train_cfg)
+    return PolicyGroup.start(lambda r: {**opts, "name": name if r == 0 else f"{name}/rank{r}"}, model_path,
+                             cfg.model, train_cfg, total_steps, trainable, cfg.seed, max(1, threads // (dp * tp)))

@@ -26,14 +26,17 @@ def _set_threads(threads: int) -> None:
 
 def make_train_engine(model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
                       trainable: bool, lr: float | None = None) -> TrainEngine:
+    if train_cfg.strategy == "fsdp2":
+        raise ValueError("train.strategy=fsdp2 runs as a group of rank actors (lingshu_rl.train.group.PolicyGroup), "
+                         "not inside one worker")
     if train_cfg.engine == "torch":
         from lingshu_rl.train.torch_engine import TorchEngine
 
         return TorchEngine(model_path, model_cfg, train_cfg, total_steps, trainable, lr)
-    if train_cfg.engine == "megatron":  # one rank in this process; more ranks: a MegatronGroup (placement.py)
+    if train_cfg.engine == "megatron":  # one rank in this process; more ranks: a PolicyGroup (placement.py)
         if train_cfg.tensor_parallel_size != 1:
             raise ValueError("a megatron engine with tensor_parallel_size > 1 runs as a Ray actor group "
-                             "(lingshu_rl.train.megatron.group.MegatronGroup), not inside one worker")
+                             "(lingshu_rl.train.group.PolicyGroup), not inside one worker")
         import socket
 
         from lingshu_rl.train.megatron.engine import MegatronEngine
@@ -58,10 +61,10 @@ def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: Ro
         engine = "vllm" if vllm_available() else "transformers"
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
     if engine == "transformers":
+        from lingshu_rl.models.hf import DTYPES, pick_device
         from lingshu_rl.rollout.hf_engine import TransformersRollout
-        from lingshu_rl.train.torch_engine import _DTYPES, pick_device
 
-        return TransformersRollout(model_path, tokenizer, _DTYPES[model_cfg.dtype], pick_device(device),
+        return TransformersRollout(model_path, tokenizer, DTYPES[model_cfg.dtype], pick_device(device),
                                    model_cfg.trust_remote_code)
     if engine == "vllm":  # vLLM picks its own device (its CPU or GPU build); ``device`` does not apply
         from lingshu_rl.rollout.vllm_engine import VLLMRollout

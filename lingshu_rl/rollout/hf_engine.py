@@ -46,8 +46,8 @@ class TransformersRollout:
     def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", trust_remote_code: bool = False, max_batch: int = 64):
         self.tokenizer, self.device, self.max_batch = tokenizer, torch.device(device), max_batch
+        from lingshu_rl.models.hf import load_model  # a causal LM or a vision-language model
         from lingshu_rl.rollout.vllm_engine import end_of_turn_ids  # the same stop tokens in both engines
-        from lingshu_rl.train.torch_engine import load_model  # a causal LM or a vision-language model
 
         self.model = load_model(model_path, dtype, trust_remote_code, self.device)
         self.model.eval()

@@ -26,8 +26,8 @@ from lingshu_rl.sft.data import plan_steps, read_source
 from lingshu_rl.telemetry import Progress
 from lingshu_rl.telemetry.jsonl import JsonlWriter
 from lingshu_rl.train.batch import TokenBatch, collate_masked, pack, with_vision
+from lingshu_rl.train.group import terminate_policy
 from lingshu_rl.train.losses import SFTLoss
-from lingshu_rl.train.megatron.group import terminate_policy
 
 
 def stage_dir(output_dir: Path, stage: SFTStageConfig) -> Path:
@@ -123,7 +123,7 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
         shutil.rmtree(tmp, ignore_errors=True)
     finally:
         log.close()
-        terminate_policy(worker)  # a PolicyWorker, or a megatron group's ranks
+        terminate_policy(worker)  # a PolicyWorker, or a group's ranks
     (folder / "done.json").write_text(json.dumps({"steps": len(plan), "final_loss": metrics.get("sft/loss")}))
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     print(f"[lingshu] sft stage {stage.name!r}: {len(plan)} steps, final loss {metrics.get('sft/loss')} -> "

@@ -1,30 +1,41 @@
-"""Training engine on plain torch + transformers (CPU, or one GPU)."""
+"""Training engine on plain torch + transformers: one device, or FSDP2 data parallel over a group of ranks.
+
+Trainable models keep float32 parameters (the master weights the optimizer updates) and compute in
+``model.dtype``: under autocast on one device, by FSDP2's mixed-precision policy when sharded. A bf16 update of
+1e-6 would otherwise round to nothing for most weights. A frozen model (the reference policy) is stored in
+``model.dtype``. Log-probs are formed at response positions only, in chunks (:mod:`lingshu_rl.train.logprob`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import math
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from lingshu_rl.config import ModelConfig, TrainConfig
 from lingshu_rl.data.vision import copy_processor_files
-from lingshu_rl.grpo.algorithm import entropy_from_logits, token_logprobs
-from lingshu_rl.train.batch import TokenBatch, loss_totals
+from lingshu_rl.models.hf import (
+    DTYPES,
+    load_model,
+    multimodal_positions,
+    packed_attention_mask,
+    packed_multimodal_positions,
+    pick_device,
+)
+from lingshu_rl.train import fsdp
+from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.fsdp import DistInfo
+from lingshu_rl.train.logprob import response_logprobs
 from lingshu_rl.train.optim import make_optimizer
 from lingshu_rl.train.protocol import Loss
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from lingshu_rl.train.split import MiniBatch, blank_row, plan_updates
+from lingshu_rl.train.update import run_updates
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -43,182 +54,193 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch
     return trainable
 
 
-def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool,
-               device: torch.device | str = "cpu") -> PreTrainedModel:
-    """A causal LM, or a vision-language model (Qwen2-VL family: its config has a ``vision_config``)."""
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    # transformers wraps Module.to with functools.wraps, which type checkers read as an unbound signature
-    return model.to(device)  # type: ignore[arg-type]
+class PolicyModel(torch.nn.Module):
+    """A Hugging Face model whose forward returns per-token log-probs (and entropy) of the response tokens.
 
+    One module from inputs to log-probs, so that FSDP's root (this module) gathers the embeddings, final norm
+    and output head around the whole computation, and no full ``[N, T, V]`` logits tensor is ever formed.
+    """
 
-def multimodal_positions(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
-                         image_grid_thw: Tensor | None) -> Tensor:
-    """Qwen2-VL-family 3-D rotary positions (text, height, width) for a padded batch; image tokens get their
-    patch coordinates. Passing them explicitly keeps padded rows exact and avoids the model's cached state."""
-    image_types = (input_ids == model.config.image_token_id).long()
-    positions, _ = model.model.get_rope_index(input_ids, image_types, image_grid_thw=image_grid_thw,
-                                              attention_mask=attention_mask)
-    return positions
+    def __init__(self, lm: PreTrainedModel, chunk: int):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
 
+    def forward(self, inputs: dict[str, Tensor], input_ids: Tensor, response_mask: Tensor, temperature: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        hidden = self.lm.base_model(input_ids=input_ids, **inputs).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        return response_logprobs(hidden, head, input_ids, response_mask, temperature, with_entropy, self.chunk)
 
-def packed_multimodal_positions(model: PreTrainedModel, input_ids: Tensor, segment_ids: Tensor,
-                                image_grid_thw: Tensor | None) -> Tensor:
-    """:func:`multimodal_positions` for packed rows: every packed sample gets its own positions, from 0, as if
-    it were alone (its images are the next ones of the row's, in order)."""
-    positions = torch.zeros((3, *input_ids.shape), dtype=torch.long, device=input_ids.device)
-    merge = model.config.vision_config.spatial_merge_size
-    grids = list(image_grid_thw) if image_grid_thw is not None else []
-    for row in range(input_ids.shape[0]):
-        for segment in segment_ids[row].unique().tolist():
-            if segment == 0:  # padding
-                continue
-            where = (segment_ids[row] == segment).nonzero().flatten()
-            ids = input_ids[row, where][None]
-            image_tokens, own = int((ids == model.config.image_token_id).sum()), []
-            while image_tokens > 0:  # this sample's images: the next grids, until their tokens are accounted for
-                own.append(grids.pop(0))
-                image_tokens -= int(own[-1].prod()) // merge ** 2
-            grid = torch.stack(own) if own else None
-            positions[:, row, where] = multimodal_positions(model, ids, torch.ones_like(ids), grid)[:, 0]
-    return positions
-
-
-def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[N, 1, T, T]`` additive mask: a token attends to earlier tokens of its own packed sample only."""
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)
-    allowed = (same & causal)[:, None]
-    # padding rows attend to themselves so no softmax row is empty (their outputs are masked out anyway)
-    allowed = allowed | torch.eye(length, dtype=torch.bool)[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    def blocks(self) -> list[torch.nn.Module]:
+        """The repeated blocks FSDP shards one by one (decoder layers, vision blocks): transformers lists their
+        classes in ``_no_split_modules``."""
+        names = set(getattr(self.lm, "_no_split_modules", None) or [])
+        return [m for m in self.lm.modules() if type(m).__name__ in names]
 
 
 class TorchEngine:
-    """A causal LM with AdamW. ``trainable=False`` gives a frozen model (the reference policy)."""
+    """A causal LM (or Qwen2-VL-family model) with AdamW. ``trainable=False`` gives a frozen model (the reference
+    policy). With ``dist`` it is one rank of an FSDP2 group (:class:`lingshu_rl.train.group.PolicyGroup`)."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int = 1,
-                 trainable: bool = True, lr: float | None = None):
+                 trainable: bool = True, lr: float | None = None, dist_info: DistInfo | None = None):
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
-        self.cfg = train_cfg
-        self.model_path = model_path
+        self.cfg, self.model_path, self.trainable = train_cfg, model_path, trainable
+        self.max_grad_norm = train_cfg.max_grad_norm
         self.device = pick_device(train_cfg.device)
+        self.sharded = dist_info is not None
+        if self.sharded:
+            assert dist_info is not None
+            fsdp.init_process_group(dist_info, self.device)
+        self.compute_dtype = DTYPES[model_cfg.dtype]
+        storage = torch.float32 if trainable else self.compute_dtype  # float32 master weights for training
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        self.model = load_model(model_path, _DTYPES[model_cfg.dtype], model_cfg.trust_remote_code, self.device)
-        self.multimodal = hasattr(self.model.config, "vision_config")
-        self.model.config.use_cache = False
-        self.trainable = trainable
+        lm = load_model(model_path, storage, model_cfg.trust_remote_code, "cpu" if self.sharded else self.device)
+        self.multimodal = hasattr(lm.config, "vision_config")
+        lm.config.use_cache = False
+        if train_cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        named = freeze(lm, train_cfg.freeze) if trainable else []
+        if not trainable:
+            lm.requires_grad_(False)
+        self.model = PolicyModel(lm, train_cfg.logprob_chunk)
+        if self.sharded:
+            if not train_cfg.offload:
+                self.model.to(self.device)
+            fsdp.shard_model(self.model, self.model.blocks(), self.device, self.compute_dtype, train_cfg.offload)
+        self.model.train(trainable)
         if trainable:
-            self.model.train()
-            named = freeze(self.model, train_cfg.freeze)
+            named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]  # sharding replaced them
             self.params = [p for _, p in named]
             self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
-        else:
-            self.model.eval()
-            self.model.requires_grad_(False)
 
-    def _logits(self, batch: TokenBatch) -> Tensor:
+    @property
+    def lm(self) -> PreTrainedModel:
+        return self.model.lm
+
+    # --- forward -------------------------------------------------------------------------------------------------
+
+    def _inputs(self, batch: TokenBatch) -> dict[str, Tensor]:
+        """Attention mask and positions (and images) for the model; packed rows get a block-diagonal mask."""
         if batch.pixel_values is not None and not self.multimodal:
             raise ValueError("the batch has images but the model has no vision tower")
-        if self.multimodal:
-            return self._multimodal_logits(batch)
-        if batch.segment_ids is not None:  # packed rows: block-diagonal causal mask, positions restart per sample
-            assert batch.position_ids is not None, "packed rows carry their positions (train.batch.pack)"
-            mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
-            positions = batch.position_ids.to(self.device)
-        else:
-            mask = batch.attention_mask.to(self.device)
-            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, position_ids=positions).logits
-
-    def _multimodal_logits(self, batch: TokenBatch) -> Tensor:
         input_ids = batch.input_ids.to(self.device)
-        grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
-        pixels = batch.pixel_values.to(self.device, self.model.dtype) if batch.pixel_values is not None else None
-        if batch.segment_ids is not None:  # packed rows: 3-D positions restart per sample, block-diagonal mask
-            mask = packed_attention_mask(batch.segment_ids, self.model.dtype).to(self.device)
-            positions = packed_multimodal_positions(self.model, input_ids, batch.segment_ids.to(self.device), grid)
+        if batch.segment_ids is not None:  # packed rows: positions restart per sample, samples never see each other
+            assert batch.position_ids is not None, "packed rows carry their positions (train.batch.pack)"
+            mask = packed_attention_mask(batch.segment_ids, self.compute_dtype).to(self.device)
         else:
             mask = batch.attention_mask.to(self.device)
-            positions = multimodal_positions(self.model, input_ids, mask, grid)
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=pixels,
-                          image_grid_thw=grid).logits
+        if not self.multimodal:
+            positions = (batch.position_ids.to(self.device) if batch.segment_ids is not None and
+                         batch.position_ids is not None else (mask.cumsum(dim=-1) - 1).clamp(min=0))
+            return {"attention_mask": mask, "position_ids": positions}
+        grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
+        if batch.segment_ids is not None:
+            positions = packed_multimodal_positions(self.lm, input_ids, batch.segment_ids.to(self.device), grid)
+        else:
+            positions = multimodal_positions(self.lm, input_ids, mask, grid)
+        pixels = batch.pixel_values.to(self.device, self.compute_dtype) if batch.pixel_values is not None else None
+        inputs = {"attention_mask": mask, "position_ids": positions}
+        return inputs | ({"pixel_values": pixels} if pixels is not None else {}) | (
+            {"image_grid_thw": grid} if grid is not None else {})
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Compute in ``model.dtype`` over float32 master weights on one device (FSDP2 casts by its policy)."""
+        if self.sharded or not self.trainable or self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def forward(self, micro: TokenBatch, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs ``[n, T]`` of ``micro``'s response tokens (with gradients), and optionally entropy."""
+        with self._autocast():
+            return self.model(self._inputs(micro), micro.input_ids.to(self.device),
+                              micro.response_mask.to(self.device), temperature, with_entropy)
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0, micro_batches: int = 0) -> Tensor:
         """Per-token log-probs ``[N, T]`` of the policy itself (old / reference log-probs): dropout off, so the
-        values are deterministic and those of the model that sampled; the previous train/eval mode is restored."""
+        values are deterministic and those of the model that sampled; the previous train/eval mode is restored.
+        ``micro_batches``: forward passes to run at least (FSDP ranks with fewer rows run blank ones)."""
         was_training = self.model.training
         self.model.eval()
         try:
             out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+            micros = batch.chunks(self.cfg.micro_batch_size)
             start = 0
-            for micro in batch.chunks(self.cfg.micro_batch_size):
-                lp = token_logprobs(self._logits(micro), micro.input_ids.to(self.device), temperature).cpu()
+            for micro in micros:
+                lp = self.forward(micro, temperature, False)[0].cpu()
                 out[start:start + len(micro), :lp.shape[1]] = lp
                 start += len(micro)
+            for _ in range(micro_batches - len(micros)):
+                self.forward(blank_row(batch), temperature, False)
         finally:
             self.model.train(was_training)
         return out * batch.response_mask
 
-    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        """``cfg.updates_per_step`` optimiser steps over mini-batches of ``batch``; a non-finite loss or gradient
-        norm skips that step (reported as ``actor/nan_skipped``)."""
-        assert self.trainable, "this engine is frozen"
-        mini_size = math.ceil(len(batch) / self.cfg.updates_per_step)
-        per_update = [self._update_once(mini, loss) for mini in batch.chunks(mini_size)]
-        metrics = {key: sum(m[key] for m in per_update) / len(per_update) for key in per_update[0]}
-        metrics["actor/nan_skipped"] = float(sum(m["actor/nan_skipped"] for m in per_update))
-        return metrics
+    # --- update (the loop itself is lingshu_rl.train.update's) ---------------------------------------------------
 
-    def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        num_tokens, num_seqs = loss_totals(batch)  # over this whole update: micro-batching stays exact
+    def update(self, work: TokenBatch | list[MiniBatch], loss: Loss) -> dict[str, float]:
+        """``train.updates_per_step`` optimiser steps over ``work``: a whole batch, or this rank's planned share
+        of one (:func:`lingshu_rl.train.split.plan_updates`)."""
+        assert self.trainable, "this engine is frozen"
+        if isinstance(work, TokenBatch):
+            work = plan_updates(work, self.cfg.updates_per_step, 1, self.cfg.micro_batch_size)[0]
+        return run_updates(self, work, loss, self.cfg.micro_batch_size)
+
+    def backward(self, loss: Tensor) -> None:
+        # sharded: FSDP averages gradients over the ranks, and each rank's loss is its share of the global loss
+        (loss * dist.get_world_size() if self.sharded else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # sharded: a DTensor holding the global norm
+        return float(full() if full is not None else norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
-        finite = True
-        for micro in batch.chunks(self.cfg.micro_batch_size):
-            micro = micro.with_(**{k: getattr(micro, k).to(self.device) for k in
-                                   ("response_mask", "advantages", "old_logprobs", "ref_logprobs")
-                                   if getattr(micro, k) is not None})
-            logits = self._logits(micro)
-            input_ids = micro.input_ids.to(self.device)
-            logprobs = token_logprobs(logits, input_ids, loss.temperature) * micro.response_mask
-            entropy = entropy_from_logits(logits, loss.temperature) if loss.needs_entropy else None
-            value, metrics = loss(logprobs, entropy, micro, num_tokens, num_seqs)
-            if not torch.isfinite(value):
-                finite = False
-                break
-            value.backward()
-            for key, metric in metrics.items():
-                sums[key] += float(metric)
-        grad_norm = float("nan")
-        if finite:
-            max_norm = self.cfg.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": float(self.scheduler.get_last_lr()[0]),
-                "actor/nan_skipped": 0.0 if finite else 1.0}
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.sharded:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # --- weights and checkpoints ---------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, Tensor]:
-        return {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+        """Full weights under Hugging Face names, in ``model.dtype`` (on rank 0 only when sharded)."""
+        return {name: t.to(self.compute_dtype) if t.is_floating_point() else t
+                for name, t in self._hf_state(fsdp.full_state_dict(self.model))}
+
+    def _hf_state(self, state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+        return ((name.removeprefix("lm."), tensor) for name, tensor in state.items())
 
     def save(self, directory: Path) -> None:
+        """``directory/model``: the Hugging Face model in ``model.dtype`` (written by rank 0);
+        ``directory/train_state``: float32 weights and optimizer state, sharded; ``scheduler.pt``."""
         directory = Path(directory)
-        self.model.save_pretrained(directory / "model", safe_serialization=True)
-        self.tokenizer.save_pretrained(directory / "model")
-        copy_processor_files(self.model_path, directory / "model")  # a vision model's image processor
+        weights = self.weights()
+        if not self.sharded or dist.get_rank() == 0:
+            self.lm.save_pretrained(directory / "model", state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory / "model")
+            copy_processor_files(self.model_path, directory / "model")  # a vision model's image processor
+            if self.trainable:
+                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         if self.trainable:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       directory / "optimizer.pt")
+            fsdp.save_train_state(directory / "train_state", self.model, self.optimizer)
+        if self.sharded:
+            dist.barrier()
 
     def load_training_state(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Restore float32 weights, optimizer and scheduler from :meth:`save` (at any data-parallel size)."""
+        fsdp.load_train_state(Path(directory) / "train_state", self.model, self.optimizer)
+        self.scheduler.load_state_dict(torch.load(Path(directory) / "scheduler.pt", weights_only=True))

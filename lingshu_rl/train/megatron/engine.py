@@ -21,11 +21,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import math
 import os
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,12 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
-from lingshu_rl.train.batch import TokenBatch, loss_totals
+from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.megatron import cpu_compat
 from lingshu_rl.train.megatron.convert import GPTSpec, hf_names_of, hf_to_megatron, merge_to_hf, partition_dim
 from lingshu_rl.train.megatron.model import attention_mask, build_model, load_shards, mrope_positions
 from lingshu_rl.train.optim import make_optimizer
 from lingshu_rl.train.protocol import Loss
+from lingshu_rl.train.split import MiniBatch, plan_updates
+from lingshu_rl.train.update import run_updates
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MASKED_LOGIT = -1e30  # padded vocabulary rows: exp() underflows to 0, and 0 * it stays finite (entropy)
@@ -112,6 +111,7 @@ class MegatronEngine:
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
         self.cfg = train_cfg
+        self.max_grad_norm = train_cfg.max_grad_norm
         tp = train_cfg.tensor_parallel_size
         self.device = _pick_device(train_cfg.device)
         if self.device.type == "cpu":
@@ -177,7 +177,7 @@ class MegatronEngine:
         return F.pad(logprobs[:, :-1], (1, 0)), entropy
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> Tensor:
+    def logprobs(self, batch: TokenBatch, temperature: float = 1.0, micro_batches: int = 0) -> Tensor:
         """Per-token log-probs ``[N, T]`` of the policy itself (old / reference log-probs): dropout off, so the
         values are deterministic and those of the model that sampled; the previous train/eval mode is restored."""
         was_training = self.model.training
@@ -195,43 +195,37 @@ class MegatronEngine:
 
     # --- update ---------------------------------------------------------------------------------------------
 
-    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        """``cfg.updates_per_step`` optimiser steps over mini-batches of ``batch``; a non-finite loss or gradient
-        norm skips that step on every rank alike (the loss and the all-reduced norm are the same everywhere)."""
+    def update(self, work: TokenBatch | list[MiniBatch], loss: Loss) -> dict[str, float]:
+        """``train.updates_per_step`` optimiser steps (the loop is :func:`lingshu_rl.train.update.run_updates`); a
+        non-finite loss or gradient norm skips a step on every rank alike (both are the same everywhere)."""
         assert self.trainable, "this engine is frozen"
-        mini_size = math.ceil(len(batch) / self.cfg.updates_per_step)
-        per_update = [self._update_once(mini, loss) for mini in batch.chunks(mini_size)]
-        metrics = {key: sum(m[key] for m in per_update) / len(per_update) for key in per_update[0]}
-        metrics["actor/nan_skipped"] = float(sum(m["actor/nan_skipped"] for m in per_update))
-        return metrics
+        if isinstance(work, TokenBatch):
+            work = plan_updates(work, self.cfg.updates_per_step, 1, self.cfg.micro_batch_size)[0]
+        return run_updates(self, work, loss, self.cfg.micro_batch_size)
 
-    def _update_once(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        num_tokens, num_seqs = loss_totals(batch)  # over this whole update: micro-batching stays exact
+    def forward(self, micro: TokenBatch, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        logprobs, entropy = self._token_stats(self._logits(micro), micro.input_ids.to(self.device), temperature,
+                                              with_entropy)
+        return logprobs * micro.response_mask.to(self.device), entropy
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return self._clip_grad_norm(max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
-        finite = True
-        for micro in batch.chunks(self.cfg.micro_batch_size):
-            micro = micro.with_(**{f.name: getattr(micro, f.name).to(self.device) for f in fields(micro)
-                                   if isinstance(getattr(micro, f.name), Tensor)})
-            logprobs, entropy = self._token_stats(self._logits(micro), micro.input_ids, loss.temperature,
-                                                  loss.needs_entropy)
-            value, metrics = loss(logprobs * micro.response_mask, entropy, micro, num_tokens, num_seqs)
-            if not torch.isfinite(value):
-                finite = False
-                break
-            value.backward()
-            for key, metric in metrics.items():
-                sums[key] += float(metric)
-        grad_norm = float("nan")
-        if finite:
-            grad_norm = self._clip_grad_norm(self.cfg.max_grad_norm or float("inf"))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {**sums, "actor/grad_norm": grad_norm, "actor/lr": float(self.scheduler.get_last_lr()[0]),
-                "actor/nan_skipped": 0.0 if finite else 1.0}
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return values  # one tensor-parallel group: every rank holds the same (whole-batch) sums
 
     def _clip_grad_norm(self, max_norm: float) -> float:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: squared norms of the shards summed over the
