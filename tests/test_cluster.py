@@ -88,14 +88,14 @@ def megatron_split(tmp_path: Path, **cluster_sets: object):
 
 
 def test_tensor_parallel_group_must_fit_on_one_node(two_nodes, tmp_path: Path) -> None:
-    cfg = megatron_split(tmp_path, actor_cpus=1)
+    cfg = megatron_split(tmp_path, actor_cpus=0.9)  # 1.8 CPUs: fits the cluster's 2, not one node's 1
     requests = layout(cfg, with_ref=False)
     assert [(r.role, r.strategy, len(r.bundles)) for r in requests] == [("actor", "STRICT_PACK", 2),
                                                                          ("rollout", "PACK", 1)]
     with pytest.raises(PlacementError) as err:
         check_fits(requests)
     message = str(err.value)
-    assert "actor: its 2 ranks ({CPU: 2}) must share one node (STRICT_PACK)" in message
+    assert "actor: its 2 ranks ({CPU: 1.8}) must share one node (STRICT_PACK)" in message
     assert "CPU: the layout asks" not in message  # 2 CPUs in all: the total fits, one node does not
     assert message.count("node ") >= 3 and "{CPU: 1}" in message  # the head (0 CPUs) and both workers listed
     check_fits(layout(megatron_split(tmp_path, actor_cpus=0.5), with_ref=False))  # half a CPU per rank fits

@@ -57,7 +57,7 @@ def draw_slide(stain: str, rng: random.Random):
 
 
 def image_demo_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
-    from lingshu_rl.models.tiny import default_cache_dir
+    from lingshu_rl.cache import default_cache_dir
 
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return base / f"image-demo-v{IMAGE_DEMO_VERSION}-{seed}"

@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from lingshu_rl.data.builtin import model_path
 from lingshu_rl.eval.benchmarks import BENCHMARKS, get_benchmark, load_items
 from lingshu_rl.eval.report import compare, format_ids, headline, write_results
 from lingshu_rl.eval.results import load_predictions, summarize
 from lingshu_rl.eval.runner import DEFAULT_MAX_NEW_TOKENS, ENGINES, EvalError, evaluate
 from lingshu_rl.eval.scoring import score_items
+from lingshu_rl.models.builtin import model_path
 
 
 def build_parser() -> argparse.ArgumentParser:

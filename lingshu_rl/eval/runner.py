@@ -1,7 +1,7 @@
 """``evaluate``: generate answers with a model on benchmarks, score them and write the report.
 
 Generation is greedy (temperature 0, one response per prompt), in batches of prompts of similar length,
-through the rollout engine factory (:func:`lingshu_rl.grpo.workers.make_rollout_engine`): vLLM when asked for
+through the rollout engine factory (:func:`lingshu_rl.rollout.factory.make_rollout_engine`): vLLM when asked for
 or, with ``engine="auto"``, when it is installed; else transformers. Every prompt (as the model saw it, after
 the chat template), response and score is saved to ``OUT/predictions/<benchmark>.jsonl``. A prompt that does
 not fit the model's context together with ``max_new_tokens`` is not run and counts as missing (wrong), listed
@@ -118,7 +118,7 @@ def _make_engine(model_path: str, engine: Literal["vllm", "transformers"]) -> Ro
     import torch
 
     from lingshu_rl.config import ModelConfig, RolloutConfig
-    from lingshu_rl.grpo.workers import make_rollout_engine
+    from lingshu_rl.rollout.factory import make_rollout_engine
 
     dtype: Literal["bfloat16", "float32"] = "bfloat16" if torch.cuda.is_available() else "float32"
     return make_rollout_engine(model_path, ModelConfig(path=model_path, dtype=dtype), RolloutConfig(engine=engine),

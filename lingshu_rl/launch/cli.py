@@ -25,6 +25,7 @@ from lingshu_rl.data.vision import ImageError
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import TrainingStopped, WorkerDied, find_resume
 from lingshu_rl.launch.pipeline import STAGES, Run, StageMissing, run_pipeline
+from lingshu_rl.models.builtin import model_path
 from lingshu_rl.rewards.combine import build_reward, specs_from_config
 from lingshu_rl.rewards.registry import RewardResolutionError
 from lingshu_rl.telemetry import redact
@@ -73,7 +74,7 @@ def grpo_samples(cfg: RunConfig) -> list[Sample]:
 
 
 def base_model_path(cfg: RunConfig) -> str:
-    return builtin.model_path(cfg.model.path, cfg.seed)
+    return model_path(cfg.model.path, cfg.seed)
 
 
 def summarise(output_dir: Path) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lingshu_rl.cache import default_cache_dir
 from lingshu_rl.data.demo import DEMO_VERSION, demo_corpus
 
 TINY_VERSION = 2  # bump when this builder's output changes
@@ -74,11 +75,6 @@ def tiny_model_hash(seed: int = 0) -> str:
                       "tokenizers": tokenizers.__version__, "model": MODEL_SETTINGS, "template": CHAT_TEMPLATE,
                       "seed": seed}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("LINGSHU_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lingshu_rl"
 
 
 def tiny_model_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:

@@ -36,12 +36,12 @@ import types
 from pathlib import Path
 from typing import Any
 
+from lingshu_rl.cache import default_cache_dir
 from lingshu_rl.models.tiny import (
     EOS_TOKEN,
     IM_END,
     MODEL_SETTINGS,
     build_once,
-    default_cache_dir,
     save_tokenizer,
     tiny_model_hash,
     train_tiny_tokenizer,

@@ -1,0 +1,159 @@
+"""Training at DP=1 and DP=2 (FSDP2 over gloo): peak memory per rank and seconds per update, for three sizes of a
+random-init Qwen2 model; and the peak memory of one update with long prompts, full logits vs response-only.
+
+    python benchmarks/train_scaling.py                  # all rows (a few minutes on 2 cores)
+    python benchmarks/train_scaling.py --sizes tiny,50m
+
+Every configuration runs in fresh processes (one per rank), so peak RSS is its own. "model MB" is peak RSS minus
+the process's RSS just before the model was loaded (interpreter, torch and transformers excluded). Prints the
+machine's load with each row: figures from a loaded machine are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
+    "tiny": None,  # the embedded demo model (~1.1M parameters)
+    "50m": (640, 8, 10, 2, 1728, 32000),
+    "200m": (1024, 12, 16, 4, 2816, 32000),
+}
+ROWS, PROMPT, RESPONSE, UPDATES = 8, 32, 32, 3
+
+
+def build(size: str, root: Path) -> str:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from lingshu_rl.models.tiny import build_tiny_model
+
+    tiny = build_tiny_model()
+    if SIZES[size] is None:
+        return str(tiny)
+    hidden, layers, heads, kv, inter, vocab = SIZES[size]
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=True,
+                         max_position_embeddings=2048)
+    path = root / size
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
+    return str(path)
+
+
+def batch(prompt: int, response: int, rows: int = ROWS, vocab: int = 400):
+    from lingshu_rl.train.batch import collate
+
+    gen = torch.Generator().manual_seed(0)
+    b = collate([torch.randint(3, vocab, (prompt,), generator=gen).tolist() for _ in range(rows)],
+                [torch.randint(3, vocab, (response,), generator=gen).tolist() for _ in range(rows)], pad_id=0)
+    return b.with_(advantages=torch.randn(rows, generator=gen))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def train_rank(rank: int, world: int, port: int, path: str, out: dict) -> None:
+    from lingshu_rl.config import ModelConfig, TrainConfig
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.train.fsdp import DistInfo
+    from lingshu_rl.train.split import plan_updates
+    from lingshu_rl.train.torch_engine import TorchEngine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    before = current_rss_mb()
+    cfg = TrainConfig(lr=1e-5, micro_batch_size=4, device="cpu", strategy="fsdp2" if world > 1 else "none",
+                      data_parallel_size=world)
+    engine = TorchEngine(path, ModelConfig(), cfg, total_steps=UPDATES,
+                         dist_info=DistInfo(rank, world, "127.0.0.1", port) if world > 1 else None)
+    work = plan_updates(batch(PROMPT, RESPONSE), 1, world, cfg.micro_batch_size)[rank]
+    seconds = []
+    for _ in range(UPDATES):
+        start = time.perf_counter()
+        engine.update(work, GRPOLoss())
+        seconds.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in engine.lm.parameters()) if world == 1 else None
+    out[rank] = {"s": statistics.median(seconds[1:]), "peak": rss_mb(), "model": rss_mb() - before, "params": params}
+
+
+def logits_rank(_: int, mode: str, path: str, out: dict) -> None:
+    """One update with 1,024-token prompts and 64-token responses: full logits (as before) or response-only."""
+    from lingshu_rl.config import ModelConfig, TrainConfig
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.train.logprob import token_logprobs
+    from lingshu_rl.train.torch_engine import TorchEngine
+
+    engine = TorchEngine(path, ModelConfig(), TrainConfig(lr=1e-5, micro_batch_size=4, device="cpu"))
+    if mode == "full":  # the engine's forward as it was: logits over every position and the whole vocabulary
+        def full_forward(micro, temperature, with_entropy):
+            inputs = engine._inputs(micro)
+            logits = engine.lm(input_ids=micro.input_ids, **inputs).logits
+            return token_logprobs(logits, micro.input_ids, temperature) * micro.response_mask, None
+
+        engine.forward = full_forward  # type: ignore[method-assign]
+    before = current_rss_mb()
+    engine.update(batch(1024, 64, rows=4), GRPOLoss())
+    out[mode] = rss_mb() - before
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn, nprocs: int, *args) -> dict:
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(fn, args=(*args, out), nprocs=nprocs, start_method="spawn")
+        return dict(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{ROWS} sequences x ({PROMPT} prompt + {RESPONSE} response) tokens, micro-batch 4, GRPO loss, "
+              f"AdamW, float32; median of {UPDATES - 1} updates after one warm-up")
+        print("| model | params | DP | s/update | peak RSS MB per rank | model MB per rank | load |")
+        print("|---|--:|--:|--:|--:|--:|--:|")
+        for size in args.sizes.split(","):
+            path = build(size, Path(tmp))
+            results = {}
+            for world in (1, 2):
+                res = spawn(train_rank, world, world, free_port(), path)
+                results[world] = res
+                params = results[1][0]["params"]
+                load = os.getloadavg()[0]
+                print(f"| {size} | {params / 1e6:.1f}M | {world} | {max(r['s'] for r in res.values()):.3f} | "
+                      f"{max(r['peak'] for r in res.values()):,.0f} | {max(r['model'] for r in res.values()):,.0f} | "
+                      f"{load:.1f}{' (loaded)' if load > 1.5 else ''} |", flush=True)
+            ratio = max(r["model"] for r in results[2].values()) / results[1][0]["model"]
+            print(f"  {size}: model memory per rank at DP=2 / DP=1 = {ratio:.2f}", flush=True)
+        path = build("50m", Path(tmp)) if "50m" not in args.sizes else str(Path(tmp) / "50m")
+        memory = {mode: spawn(logits_rank, 1, mode, path)[mode]
+                  for mode in ("full", "response")}
+        print(f"one update, 4 x (1,024 prompt + 64 response) tokens, 50m model (vocab 32,000): extra peak RSS "
+              f"{memory['full']:,.0f} MB with full logits, {memory['response']:,.0f} MB response-only "
+              f"({memory['response'] / memory['full']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
