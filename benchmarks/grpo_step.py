@@ -218,8 +218,8 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lingshu_rl.train.logprob import token_logprobs
     from lingshu_rl.train.batch import collate
+    from lingshu_rl.train.logprob import token_logprobs
 
     with PeakMemory() as memory:
         path, tokenizer = tiny_model()
