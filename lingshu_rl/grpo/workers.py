@@ -7,7 +7,6 @@ processes of its own, e.g. vLLM), so the controller never imports an engine.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,8 +15,8 @@ from lingshu_rl.config import ModelConfig, RolloutConfig, TrainConfig
 from lingshu_rl.data.vision import VisionInputs
 from lingshu_rl.rollout.factory import make_rollout_engine
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
-from lingshu_rl.train.batch import TokenBatch
-from lingshu_rl.train.protocol import Loss, TrainEngine
+from lingshu_rl.train.group import EngineActor
+from lingshu_rl.train.protocol import TrainEngine
 
 
 def _set_threads(threads: int) -> None:
@@ -50,7 +49,7 @@ def make_train_engine(model_path: str, model_cfg: ModelConfig, train_cfg: TrainC
     raise ValueError(f"unknown training engine {train_cfg.engine!r}")
 
 
-class PolicyWorker:
+class PolicyWorker(EngineActor):
     """The actor (trainable) or the reference policy (frozen) around a training engine."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
@@ -58,24 +57,6 @@ class PolicyWorker:
         _set_threads(threads)
         torch.manual_seed(seed)
         self.engine = make_train_engine(model_path, model_cfg, train_cfg, total_steps, trainable, lr)
-
-    def logprobs(self, batch: TokenBatch, temperature: float) -> Tensor:
-        return self.engine.logprobs(batch, temperature)
-
-    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        return self.engine.update(batch, loss)
-
-    def weights(self) -> dict[str, Tensor]:
-        return self.engine.weights()
-
-    def save(self, directory: str) -> None:
-        self.engine.save(Path(directory))
-
-    def load_training_state(self, directory: str) -> None:
-        self.engine.load_training_state(Path(directory))
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class RolloutWorker:

@@ -4,7 +4,7 @@
     ray.get(group.update.remote(batch, loss))   # each data-parallel rank trains on its share; rank 0's metrics
 
 Ranks are ``data_parallel_size x tensor_parallel_size`` (FSDP2: DP ranks; megatron: TP ranks). :class:`PolicyGroup`
-has the methods of ``grpo.workers.PolicyWorker`` (``logprobs``, ``update``, ``weights``, ``save``,
+has the methods of :class:`EngineActor` (``logprobs``, ``update``, ``weights``, ``save``,
 ``load_training_state``, ``pid``), each with ``.remote(...)`` returning one ``ObjectRef``, so the controller and
 the SFT stages drive a group exactly as they drive a single worker. The group deals each update's batch to the
 data-parallel ranks by token count (:mod:`lingshu_rl.train.split`) and puts log-probs back in row order. Rank 0
@@ -41,7 +41,32 @@ def is_group(train_cfg: TrainConfig) -> bool:
     return train_cfg.strategy == "fsdp2" or group_sizes(train_cfg) != (1, 1)
 
 
-class PolicyRank:
+class EngineActor:
+    """What a policy actor answers, forwarded to its training engine (``self.engine``): the methods the controller
+    and the SFT stages call on a policy worker, a rank, or (through :class:`PolicyGroup`) a group."""
+
+    engine: Any
+
+    def logprobs(self, batch: TokenBatch, temperature: float, micro_batches: int = 0) -> Tensor:
+        return self.engine.logprobs(batch, temperature, micro_batches)
+
+    def update(self, work: TokenBatch | list[MiniBatch], loss: Loss) -> dict[str, float]:
+        return self.engine.update(work, loss)
+
+    def weights(self) -> dict[str, Tensor]:
+        return self.engine.weights()
+
+    def save(self, directory: str) -> None:
+        self.engine.save(Path(directory))
+
+    def load_training_state(self, directory: str) -> None:
+        self.engine.load_training_state(Path(directory))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class PolicyRank(EngineActor):
     """The Ray actor of one rank: builds its engine once :meth:`start` gives it the rendezvous address."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -73,24 +98,6 @@ class PolicyRank:
 
             self.engine = TorchEngine(model_path, model_cfg, train_cfg, total_steps, trainable, lr,
                                       DistInfo(self.rank, self.world_size, master_addr, master_port))
-
-    def logprobs(self, batch: TokenBatch, temperature: float, micro_batches: int = 0) -> Tensor:
-        return self.engine.logprobs(batch, temperature, micro_batches)
-
-    def update(self, minis: list[MiniBatch], loss: Loss) -> dict[str, float]:
-        return self.engine.update(minis, loss)
-
-    def weights(self) -> dict[str, Tensor]:
-        return self.engine.weights()
-
-    def save(self, directory: str) -> None:
-        self.engine.save(Path(directory))
-
-    def load_training_state(self, directory: str) -> None:
-        self.engine.load_training_state(Path(directory))
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 @ray.remote(num_cpus=0)
@@ -153,7 +160,7 @@ class _Logprobs:
 
 
 class PolicyGroup:
-    """The driver's handle on the rank actors, with ``PolicyWorker``'s methods."""
+    """The driver's handle on the rank actors, with :class:`EngineActor`'s methods."""
 
     def __init__(self, ranks: list[Any], train_cfg: TrainConfig):
         self.ranks, self.train_cfg = ranks, train_cfg

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor
 
 from lingshu_rl.train.batch import TokenBatch
+
+if TYPE_CHECKING:
+    from lingshu_rl.train.split import MiniBatch
 
 
 class Loss(Protocol):
@@ -29,11 +32,13 @@ class Loss(Protocol):
 
 
 class TrainEngine(Protocol):
-    def logprobs(self, batch: TokenBatch, temperature: float) -> Tensor:
-        """Per-token log-probs ``[N, T]`` without gradients."""
+    def logprobs(self, batch: TokenBatch, temperature: float, micro_batches: int = 0) -> Tensor:
+        """Per-token log-probs ``[N, T]`` without gradients (at least ``micro_batches`` forward passes: ranks
+        of a data-parallel group run as many as the busiest)."""
 
-    def update(self, batch: TokenBatch, loss: Loss) -> dict[str, float]:
-        """One or more optimiser updates on ``batch`` (micro-batched); returns metrics."""
+    def update(self, work: TokenBatch | list[MiniBatch], loss: Loss) -> dict[str, float]:
+        """``train.updates_per_step`` optimiser updates on a whole batch, or on this rank's planned share of one
+        (:func:`lingshu_rl.train.split.plan_updates`); returns metrics."""
 
     def weights(self) -> dict[str, Tensor]:
         """Full weights under Hugging Face names (for the rollout engine and exports)."""
@@ -42,5 +47,4 @@ class TrainEngine(Protocol):
         """Hugging Face model (safetensors) plus optimiser and scheduler state."""
 
     def load_training_state(self, directory: Path) -> None:
-        """Restore the optimiser and scheduler state that :meth:`save` wrote (the model weights are loaded from
-        ``directory/model`` when the engine is built)."""
+        """Restore the training state that :meth:`save` wrote (the engine was built from ``directory/model``)."""
