@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
+SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab); untied embeddings, as Qwen2.5-7B's
     "tiny": None,  # the embedded demo model (~1.1M parameters)
     "50m": (640, 8, 10, 2, 1728, 32000),
     "200m": (1024, 12, 16, 4, 2816, 32000),
@@ -42,7 +42,7 @@ def build(size: str, root: Path) -> str:
     hidden, layers, heads, kv, inter, vocab = SIZES[size]
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=True,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=False,
                          max_position_embeddings=2048)
     path = root / size
     Qwen2ForCausalLM(config).save_pretrained(path)

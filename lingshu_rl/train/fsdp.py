@@ -7,6 +7,8 @@ dtype for its forward and backward (``MixedPrecisionPolicy``), and gradients are
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -22,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,56 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def gathered_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full CPU tensor)`` for each entry of ``module``'s state dict under ``prefix``, gathered one at a
+    time (every rank takes part in each gather). A tied weight comes once, under its first name."""
+    seen: set[int] = set()
+    for name, value in module.state_dict(keep_vars=True).items():
+        if not name.startswith(prefix) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        yield name.removeprefix(prefix), full.detach().cpu()
+
+
+def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int,
+                      write: bool) -> None:
+    """Stream ``tensors`` into Hugging Face safetensors shards of about ``shard_bytes`` (``model.safetensors``
+    when one shard holds all, else ``model-0000i-of-0000n.safetensors`` and their index): at most one shard is in
+    memory. ``write=False`` consumes the stream (its gathers) without writing (the ranks other than 0)."""
+    shard: dict[str, torch.Tensor] = {}
+    files: list[dict[str, torch.Tensor]] = []
+    names: list[str] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard and write:
+            names.append(f"part-{len(names):05d}.safetensors")
+            save_file(shard, str(directory / names[-1]), metadata={"format": "pt"})
+            files.append({k: v[:0] for k, v in shard.items()})  # names and dtypes only, for the index
+        shard, size = {}, 0
+
+    for name, tensor in tensors:
+        if size and size + tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        size += tensor.nbytes
+    flush()
+    if not write:
+        return
+    if len(names) == 1:
+        (directory / names[0]).rename(directory / "model.safetensors")
+        return
+    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
+    weight_map = {}
+    for old, new, keys in zip(names, final, files):
+        (directory / old).rename(directory / new)
+        weight_map.update(dict.fromkeys(keys, new))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def save_train_state(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -37,6 +37,8 @@ from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, blank_row, plan_updates
 from lingshu_rl.train.update import run_updates
 
+EXPORT_SHARD_BYTES = 2 << 30  # the Hugging Face export's safetensors shards
+
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze parameters whose names match any glob in ``patterns``; return the trainable (name, param) pairs."""
@@ -72,10 +74,15 @@ class PolicyModel(torch.nn.Module):
         return response_logprobs(hidden, head, input_ids, response_mask, temperature, with_entropy, self.chunk)
 
     def blocks(self) -> list[torch.nn.Module]:
-        """The repeated blocks FSDP shards one by one (decoder layers, vision blocks): transformers lists their
-        classes in ``_no_split_modules``."""
+        """The units FSDP shards one by one: the repeated blocks (decoder layers, vision blocks: transformers lists
+        their classes in ``_no_split_modules``) and, when not tied to each other, the input embeddings and the
+        output head (gathered only while in use; tied, they stay with the root)."""
         names = set(getattr(self.lm, "_no_split_modules", None) or [])
-        return [m for m in self.lm.modules() if type(m).__name__ in names]
+        blocks = [m for m in self.lm.modules() if type(m).__name__ in names]
+        embed, head = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
+        if head is not None and head.weight is not embed.weight:
+            blocks += [embed, head]
+        return blocks
 
 
 class TorchEngine:
@@ -225,16 +232,25 @@ class TorchEngine:
         return ((name.removeprefix("lm."), tensor) for name, tensor in state.items())
 
     def save(self, directory: Path) -> None:
-        """``directory/model``: the Hugging Face model in ``model.dtype`` (written by rank 0);
-        ``directory/train_state``: float32 weights and optimizer state, sharded; ``scheduler.pt``."""
+        """``directory/model``: the Hugging Face model in ``model.dtype``, gathered one tensor at a time and
+        streamed into safetensors shards by rank 0 (never a whole model in memory, on any rank);
+        ``directory/train_state``: float32 weights and optimizer state, each rank its shard; ``scheduler.pt``."""
         directory = Path(directory)
-        weights = self.weights()
-        if not self.sharded or dist.get_rank() == 0:
-            self.lm.save_pretrained(directory / "model", state_dict=weights, safe_serialization=True)
-            self.tokenizer.save_pretrained(directory / "model")
-            copy_processor_files(self.model_path, directory / "model")  # a vision model's image processor
+        writer = not self.sharded or dist.get_rank() == 0
+        model_dir = directory / "model"
+        if writer:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            self.lm.config.dtype = self.compute_dtype  # what the exported tensors hold
+            self.lm.config.save_pretrained(model_dir)
+            if self.lm.generation_config is not None:
+                self.lm.generation_config.save_pretrained(model_dir)
+            self.tokenizer.save_pretrained(model_dir)
+            copy_processor_files(self.model_path, model_dir)  # a vision model's image processor
             if self.trainable:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        tensors = ((name, t.to(self.compute_dtype) if t.is_floating_point() else t)
+                   for name, t in fsdp.gathered_tensors(self.model, prefix="lm."))
+        fsdp.write_safetensors(model_dir, tensors, EXPORT_SHARD_BYTES, writer)
         if self.trainable:
             fsdp.save_train_state(directory / "train_state", self.model, self.optimizer)
         if self.sharded:
