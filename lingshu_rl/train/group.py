@@ -107,10 +107,11 @@ def _rank0_result(*results: Any) -> Any:
 
 
 @ray.remote(num_cpus=0)
-def _assemble(shards: list[list[int]], shape: tuple[int, int], *parts: Tensor) -> Tensor:
-    """Per-rank log-probs back into one ``[N, T]`` tensor in the batch's row order."""
+def _assemble(shards: list[list[int]], shape: tuple[int, int], tp: int, *results: Tensor) -> Tensor:
+    """Per-rank log-probs back into one ``[N, T]`` tensor in the batch's row order (one result per data-parallel
+    rank: the first of its tensor-parallel group; waiting for all of them lets any rank's error through)."""
     out = torch.zeros(shape, dtype=torch.float32)
-    for rows, part in zip(shards, parts):
+    for rows, part in zip(shards, results[::tp]):
         if rows:
             out[rows, :part.shape[1]] = part
     return out
@@ -156,7 +157,7 @@ class _Logprobs:
                  for rows in shards]
         results = [r.logprobs.remote(parts[i // g.tp], temperature, micro_batches) for i, r in enumerate(g.ranks)]
         rows, length = batch.input_ids.shape
-        return _assemble.remote(shards, (rows, length), *results[::g.tp])
+        return _assemble.remote(shards, (rows, length), g.tp, *results)
 
 
 class PolicyGroup:
