@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -46,12 +46,16 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device,
+def device_mesh(device: torch.device) -> DeviceMesh:
+    """The one-dimensional data-parallel mesh over every rank (a collective: all ranks call it together)."""
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: DeviceMesh,
                 compute_dtype: torch.dtype, offload: bool) -> None:
     """``fully_shard`` each block (decoder layer, vision block), then the root. FSDP averages gradients over the
     ranks; the engine scales its loss by the world size to get their sum (the loss is already normalised over all
     ranks). A divide factor of 1 would say the same but needs PREMUL_SUM, which gloo lacks."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     placement = CPUOffloadPolicy() if offload else OffloadPolicy()
     for block in blocks:

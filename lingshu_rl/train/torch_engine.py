@@ -103,24 +103,36 @@ class TorchEngine:
         self.compute_dtype = DTYPES[model_cfg.dtype]
         storage = torch.float32 if trainable else self.compute_dtype  # float32 master weights for training
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        lm = load_model(model_path, storage, model_cfg.trust_remote_code, "cpu" if self.sharded else self.device)
+        if self.sharded:  # the ranks take turns: one full copy on the host at a time, then each keeps its shard
+            mesh = fsdp.device_mesh(self.device)
+            for turn in range(dist.get_world_size()):
+                if turn == dist.get_rank():
+                    self.model = self._build(model_path, model_cfg, storage, torch.device("cpu"))
+                    if not train_cfg.offload:
+                        self.model.to(self.device)
+                    fsdp.shard_model(self.model, self.model.blocks(), mesh, self.compute_dtype, train_cfg.offload)
+                dist.barrier()
+        else:
+            self.model = self._build(model_path, model_cfg, storage, self.device)
+        lm = self.model.lm
         self.multimodal = hasattr(lm.config, "vision_config")
-        lm.config.use_cache = False
-        if train_cfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        named = freeze(lm, train_cfg.freeze) if trainable else []
-        if not trainable:
-            lm.requires_grad_(False)
-        self.model = PolicyModel(lm, train_cfg.logprob_chunk)
-        if self.sharded:
-            if not train_cfg.offload:
-                self.model.to(self.device)
-            fsdp.shard_model(self.model, self.model.blocks(), self.device, self.compute_dtype, train_cfg.offload)
         self.model.train(trainable)
         if trainable:
             named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]  # sharding replaced them
             self.params = [p for _, p in named]
             self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
+
+    def _build(self, model_path: str, model_cfg: ModelConfig, storage: torch.dtype,
+               device: torch.device) -> PolicyModel:
+        lm = load_model(model_path, storage, model_cfg.trust_remote_code, device)
+        lm.config.use_cache = False
+        if self.cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.trainable:
+            freeze(lm, self.cfg.freeze)
+        else:
+            lm.requires_grad_(False)
+        return PolicyModel(lm, self.cfg.logprob_chunk)
 
     @property
     def lm(self) -> PreTrainedModel:
