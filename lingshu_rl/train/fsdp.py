@@ -18,8 +18,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -63,20 +61,14 @@ def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: De
     fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=placement)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, gathered on CPU: on rank 0 only (empty on the others) when sharded."""
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def gathered_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full CPU tensor)`` for each entry of ``module``'s state dict under ``prefix``, gathered one at a
-    time (every rank takes part in each gather). A tied weight comes once, under its first name."""
+def gathered_tensors(module: torch.nn.Module, prefix: str = "", tied_once: bool = True
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full CPU tensor)`` for each entry of ``module``'s state dict under ``prefix``, the prefix removed,
+    gathered one at a time (every rank takes part in each gather; unsharded modules need none). ``tied_once``:
+    a tied weight comes once, under its first name (as a checkpoint stores it), else under each name."""
     seen: set[int] = set()
     for name, value in module.state_dict(keep_vars=True).items():
-        if not name.startswith(prefix) or id(value) in seen:
+        if not name.startswith(prefix) or (tied_once and id(value) in seen):
             continue
         seen.add(id(value))
         full = value.full_tensor() if isinstance(value, DTensor) else value

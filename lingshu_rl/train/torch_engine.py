@@ -151,8 +151,8 @@ class TorchEngine:
         else:
             mask = batch.attention_mask.to(self.device)
         if not self.multimodal:
-            positions = (batch.position_ids.to(self.device) if batch.segment_ids is not None and
-                         batch.position_ids is not None else (mask.cumsum(dim=-1) - 1).clamp(min=0))
+            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0) if batch.position_ids is None else \
+                batch.position_ids.to(self.device)
             return {"attention_mask": mask, "position_ids": positions}
         grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
         if batch.segment_ids is not None:
@@ -235,22 +235,31 @@ class TorchEngine:
 
     # --- weights and checkpoints ---------------------------------------------------------------------------------
 
-    def weights(self) -> dict[str, Tensor]:
-        """Full weights under Hugging Face names, in ``model.dtype`` (on rank 0 only when sharded)."""
-        return {name: t.to(self.compute_dtype) if t.is_floating_point() else t
-                for name, t in self._hf_state(fsdp.full_state_dict(self.model))}
+    def _hf_tensors(self, tied_once: bool) -> Iterator[tuple[str, Tensor]]:
+        """The model's tensors under Hugging Face names, in ``model.dtype``, gathered one at a time."""
+        return ((name, t.to(self.compute_dtype) if t.is_floating_point() else t)
+                for name, t in fsdp.gathered_tensors(self.model, "lm.", tied_once))
 
-    def _hf_state(self, state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
-        return ((name.removeprefix("lm."), tensor) for name, tensor in state.items())
+    def _writes(self) -> bool:
+        return not self.sharded or dist.get_rank() == 0
+
+    def weights(self) -> dict[str, Tensor]:
+        """Full weights under Hugging Face names, tied ones under each name, in ``model.dtype`` (on rank 0 only
+        when sharded: the other ranks take part in each gather and keep nothing)."""
+        tensors = self._hf_tensors(tied_once=False)
+        if self._writes():
+            return dict(tensors)
+        for _ in tensors:  # each gather is a collective: every rank takes part
+            pass
+        return {}
 
     def save(self, directory: Path) -> None:
         """``directory/model``: the Hugging Face model in ``model.dtype``, gathered one tensor at a time and
         streamed into safetensors shards by rank 0 (never a whole model in memory, on any rank);
         ``directory/train_state``: float32 weights and optimizer state, each rank its shard; ``scheduler.pt``."""
         directory = Path(directory)
-        writer = not self.sharded or dist.get_rank() == 0
         model_dir = directory / "model"
-        if writer:
+        if self._writes():
             model_dir.mkdir(parents=True, exist_ok=True)
             self.lm.config.dtype = self.compute_dtype  # what the exported tensors hold
             self.lm.config.save_pretrained(model_dir)
@@ -260,9 +269,7 @@ class TorchEngine:
             copy_processor_files(self.model_path, model_dir)  # a vision model's image processor
             if self.trainable:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
-        tensors = ((name, t.to(self.compute_dtype) if t.is_floating_point() else t)
-                   for name, t in fsdp.gathered_tensors(self.model, prefix="lm."))
-        fsdp.write_safetensors(model_dir, tensors, EXPORT_SHARD_BYTES, writer)
+        fsdp.write_safetensors(model_dir, self._hf_tensors(tied_once=True), EXPORT_SHARD_BYTES, self._writes())
         if self.trainable:
             fsdp.save_train_state(directory / "train_state", self.model, self.optimizer)
         if self.sharded:
