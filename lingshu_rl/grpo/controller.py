@@ -7,7 +7,7 @@
         advantages <- group-normalised rewards
         ref log-probs <- reference worker              (ref: only when kl_coef > 0)
         actor update: PPO-clip + KL, micro-batched      (update)
-        new weights -> rollout workers                  (sync)
+        new weights -> rollout workers, canary checked  (sync)
         metrics; checkpoint every k steps
 """
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from lingshu_rl.config import RunConfig
@@ -28,18 +27,18 @@ from lingshu_rl.data.sampler import EpochSampler
 from lingshu_rl.data.vision import VisionInputs, vision_inputs
 from lingshu_rl.grpo.algorithm import group_advantages, informative_groups
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from lingshu_rl.grpo.failures import WorkerDied, describe_death
+from lingshu_rl.grpo.failures import get_or_die as _get
 from lingshu_rl.grpo.loss import GRPOLoss
 from lingshu_rl.grpo.placement import ACTOR, REF, ROLLOUT, Roles, create_roles
-from lingshu_rl.rewards.pool import RewardPool, ScoreItem
+from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
+from lingshu_rl.rewards.base import RewardFn
+from lingshu_rl.rewards.pool import ScoreItem, Scorer
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.telemetry import PhaseTimer, Progress, Telemetry
 from lingshu_rl.train.batch import collate, response_values, with_vision
 
 ACCURACY_REWARDS = ("mcq_exact", "answer_norm")
-
-
-class WorkerDied(RuntimeError):
-    """A role's Ray actor died; the message names the role and the last checkpoint."""
 
 
 class TrainingStopped(RuntimeError):
@@ -55,13 +54,6 @@ class Prompt:
     def vision(self) -> VisionInputs | None:
         """The sample's images, loaded and preprocessed now (not kept: a data set's pixels need not fit memory)."""
         return vision_inputs(self.image_processor, self.sample) if self.sample.images else None
-
-
-def _get(refs: Any, role: str) -> Any:
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayActorError as err:
-        raise WorkerDied(f"the worker {role!r} died ({type(err).__name__})") from None
 
 
 def generate(roles: Roles, prompts: list[list[int]], params: SamplingParams,
@@ -80,14 +72,6 @@ def _images(visions: list[VisionInputs | None]) -> list[VisionInputs | None] | N
     return visions if any(v is not None for v in visions) else None
 
 
-def sync_weights(roles: Roles) -> None:
-    """Actor -> rollout workers through Ray's object store: one ``put`` of the state dict, read by every worker."""
-    weights = roles.actor.weights.remote()
-    refs = [w.load_weights.remote(weights) for w in roles.rollouts]
-    for i, ref in enumerate(refs):
-        _get(ref, ROLLOUT.format(i))
-
-
 def accuracy_of(details: list[dict[str, float]], scores: list[float], reward_names: list[str]) -> float | None:
     """Mean accuracy: the score of a lone accuracy reward, or that reward's sub-score in a combination."""
     if len(reward_names) == 1 and reward_names[0] in ACCURACY_REWARDS:
@@ -98,8 +82,9 @@ def accuracy_of(details: list[dict[str, float]], scores: list[float], reward_nam
     return None
 
 
-def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, cfg: RunConfig, loss: GRPOLoss,
-              reward_names: list[str], pad_id: int, timer: PhaseTimer) -> tuple[dict[str, float], list[dict]]:
+def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: Scorer, cfg: RunConfig, loss: GRPOLoss,
+              reward_names: list[str], pad_id: int, timer: PhaseTimer, weights: WeightSync
+              ) -> tuple[dict[str, float], list[dict]]:
     n = cfg.rollout.n
     params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                             top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -140,7 +125,7 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: RewardPool, 
         with timer.phase("update"):
             metrics.update(_get(roles.actor.update.remote(batch, loss), ACTOR))
         with timer.phase("sync"):
-            sync_weights(roles)
+            metrics.update(weights.sync())
     samples = [{"step": step, "id": p.sample.id, "prompt": p.sample.messages[-1]["content"], "response": g.text,
                 "answer": p.sample.answer, "reward": r.score, "finish_reason": g.finish_reason}
                for p, g, r in list(zip(owners, gens, scored.results))[::n][:cfg.logging.samples_per_step]]
@@ -195,8 +180,9 @@ class _StopFlag:
 
 
 def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_path: str, pad_id: int,
-               pool: RewardPool, reward_names: list[str], telemetry: Telemetry, resume: Path | None) -> Path | None:
-    """Run (or resume) GRPO for ``cfg.grpo.steps`` steps; returns the last checkpoint written."""
+               reward: RewardFn, reward_names: list[str], telemetry: Telemetry, resume: Path | None) -> Path | None:
+    """Run (or resume) GRPO for ``cfg.grpo.steps`` steps, scoring with ``reward`` in the scoring actor (what the
+    rewards print goes to ``reward_workers.log``); returns the last checkpoint written."""
     start_step, position, nan_streak = 0, 0, 0
     actor_path = policy_path
     if resume is not None:
@@ -205,7 +191,10 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
         actor_path = str(resume / "model")
         print(f"[lingshu] resuming from {resume} (step {start_step})", flush=True)
     total_updates = cfg.grpo.steps * cfg.train.updates_per_step
-    roles = create_roles(cfg, actor_path, policy_path if cfg.grpo.kl_coef > 0 else None, total_updates)
+    roles = create_roles(cfg, actor_path, policy_path if cfg.grpo.kl_coef > 0 else None, total_updates, reward,
+                         (output_dir / "reward_workers.log").resolve())  # the actor may run elsewhere: no relative path
+    pool = roles.reward
+    assert pool is not None  # a reward was given
     last_ckpt = resume
     try:
         if resume is not None:
@@ -214,6 +203,10 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
         loss = GRPOLoss(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef, cfg.grpo.kl_estimator,
                         cfg.grpo.loss_agg, cfg.grpo.entropy_coef, cfg.rollout.temperature, cfg.rollout.tis_cap)
         timer = PhaseTimer()
+        weights = WeightSync(roles, cfg, actor_path)
+        start = weights.check()  # the rollout workers loaded the actor's checkpoint themselves: check that too
+        print(f"[lingshu] canary before the first step: mean |log-prob difference| "
+              f"{start['sync/canary_abs_diff']:.2g}", flush=True)
 
         def checkpoint(step: int) -> Path:
             state = {"data_position": sampler.position, "nan_streak": nan_streak}
@@ -224,7 +217,7 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
             for step in range(start_step + 1, cfg.grpo.steps + 1):
                 timer.reset()
                 metrics, samples = grpo_step(step, sampler.next(cfg.grpo.prompts_per_step), roles, pool, cfg, loss,
-                                             reward_names, pad_id, timer)
+                                             reward_names, pad_id, timer, weights)
                 metrics.update(timer.metrics())
                 nan_streak = nan_streak + 1 if metrics.get("actor/nan_skipped", 0) else 0
                 telemetry.log_step(step, metrics)
@@ -240,7 +233,10 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
                           flush=True)
                     break
     except WorkerDied as err:
-        raise WorkerDied(f"{err}. Last checkpoint: {last_ckpt or 'none'} (resume with --resume auto)") from None
+        raise WorkerDied(f"{describe_death(err, roles.placed)}. Last checkpoint: {last_ckpt or 'none'} (resume with "
+                         "--resume auto)", err.role, err.actor_id) from None
+    except WeightsOutOfSync as err:
+        raise TrainingStopped(f"{err}. Last checkpoint: {last_ckpt or 'none'}") from None
     finally:
         roles.shutdown()
     return last_ckpt

@@ -2,7 +2,12 @@
 
 Colocated (one machine, the default): the roles share one placement-group bundle (one device) and each
 gets a fraction of it. Not colocated (a cluster): each role gets its own placement group, with one bundle
-per rollout worker, sized by the ``cluster.*_cpus`` / ``*_gpus`` settings.
+per rollout worker, sized by the ``cluster.*_cpus`` / ``*_gpus`` settings and labelled by the
+``cluster.*_resources`` custom resources (which pin a role to the nodes that have them).
+
+The reward scorer is a role too (:class:`~lingshu_rl.rewards.remote.RewardActor`, its sandboxed processes beside
+it): colocated, in the shared bundle with no CPUs of its own; else in a group of one bundle of
+``reward.workers`` CPUs, so that a driver or a CPU-less head node never scores.
 
 With ``train.strategy: fsdp2`` (``train.data_parallel_size`` ranks) or ``train.engine: megatron``
 (``train.tensor_parallel_size`` ranks) the actor (and the reference) is a group of rank actors
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,10 +33,25 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lingshu_rl.config import ClusterConfig, RunConfig
+from lingshu_rl.grpo.failures import Placed, get_or_die, record_nodes
 from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
+from lingshu_rl.rewards.base import RewardFn
+from lingshu_rl.rewards.pool import ScoredBatch, ScoreItem
+from lingshu_rl.rewards.remote import RewardActor, reward_payload
+from lingshu_rl.rewards.sandbox import Limits
 from lingshu_rl.train.group import PolicyGroup, group_sizes, is_group, kill_policy, terminate_policy
 
-ACTOR, ROLLOUT, REF = "lingshu/actor-0", "lingshu/rollout-{}", "lingshu/ref-0"
+ACTOR, ROLLOUT, REF, REWARD = "lingshu/actor-0", "lingshu/rollout-{}", "lingshu/ref-0", "lingshu/reward-0"
+
+
+@dataclass
+class RewardScorer:
+    """The driver's handle on the scoring actor, with :meth:`RewardPool.score`."""
+
+    actor: Any  # RewardActor handle
+
+    def score(self, items: Sequence[ScoreItem]) -> ScoredBatch:
+        return get_or_die(self.actor.score.remote(list(items)), REWARD)
 
 
 @dataclass
@@ -38,15 +60,21 @@ class Roles:
     rollouts: list[Any]  # RolloutWorker handles
     ref: Any | None  # PolicyWorker handle (frozen), None when the KL coefficient is 0
     groups: list[PlacementGroup]
+    reward: RewardScorer | None = None  # None: the caller scores by other means
+    placed: list[Placed] = field(default_factory=list)  # where every actor (every rank) runs
 
     def names(self) -> dict[str, Any]:
         named = {ACTOR: self.actor, **{ROLLOUT.format(i): h for i, h in enumerate(self.rollouts)}}
         if self.ref is not None:
             named[REF] = self.ref
+        if self.reward is not None:
+            named[REWARD] = self.reward.actor
         return named
 
     def shutdown(self) -> None:
         # graceful: each worker finishes its queue and exits; then the groups (which would kill them) go
+        if self.reward is not None:  # its sandboxed processes first
+            self.reward.actor.close.remote()
         exits = [ref for handle in self.names().values() for ref in terminate_policy(handle)]
         ray.wait(exits, num_returns=len(exits), timeout=30)
         for group in self.groups:
@@ -68,7 +96,7 @@ class PlacementError(RuntimeError):
 class GroupRequest:
     """One placement group the layout asks for."""
 
-    role: str  # "actor", "rollout", "ref", or "actor+rollout+ref" when colocated
+    role: str  # "actor", "rollout", "ref", "reward", or "actor+rollout+ref" when colocated
     bundles: list[dict[str, float]]
     strategy: str  # "PACK" or "STRICT_PACK" (all bundles on one node)
 
@@ -90,19 +118,26 @@ def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
     """The placement groups GRPO's roles ask for (checked by :func:`check_fits`, created by :func:`create_roles`)."""
     c = cfg.cluster
 
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:  # Ray refuses a bundle of zeros: keep a sliver
-        return {"CPU": cpus if cpus or gpus else 1e-3, **({"GPU": gpus} if gpus else {})}
+    def bundle(cpus: float, gpus: float, labels: dict[str, float]) -> dict[str, float]:
+        # Ray refuses a bundle of zeros: keep a sliver
+        return {"CPU": cpus if cpus or gpus else 1e-3, **({"GPU": gpus} if gpus else {}), **labels}
 
-    if c.colocate:
-        return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""), [bundle(c.actor_cpus, c.actor_gpus)],
-                             "PACK")]
+    if c.colocate:  # one bundle for every role: it carries all their labels
+        labels: dict[str, float] = {}
+        for extra in (c.actor_resources, c.rollout_resources, c.ref_resources, c.reward_resources):
+            labels.update({k: max(v, labels.get(k, 0.0)) for k, v in extra.items()})
+        return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""),
+                             [bundle(c.actor_cpus, c.actor_gpus, labels)], "PACK")]
     ranks = _policy_ranks(cfg)
     # a tensor-parallel group talks every layer: one node; data-parallel ranks may spread over nodes
     ranks_strategy = "STRICT_PACK" if group_sizes(cfg.train)[1] > 1 else "PACK"
-    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus)] * ranks, ranks_strategy),
-                GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus)] * cfg.rollout.num_workers, "PACK")]
+    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)] * ranks, ranks_strategy),
+                GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus, c.rollout_resources)]
+                             * cfg.rollout.num_workers, "PACK")]
     if with_ref:
-        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus)] * ranks, ranks_strategy))
+        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus, c.ref_resources)] * ranks, ranks_strategy))
+    # the scorer's sandboxed processes are its CPUs; reward.workers=0 scores in the actor itself
+    requests.append(GroupRequest("reward", [bundle(cfg.reward.workers, 0, c.reward_resources)], "PACK"))
     return requests
 
 
@@ -122,7 +157,7 @@ def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
     return dict(total)
 
 
-def check_fits(requests: list[GroupRequest], reward_workers: int = 0) -> None:
+def check_fits(requests: list[GroupRequest]) -> None:
     """Raise :class:`PlacementError` if the cluster cannot hold ``requests`` at all: the resources in total, each
     bundle on some node, each STRICT_PACK group on one node. (Whether they are free now is :func:`wait_placed`'s.)"""
     nodes = _node_resources()
@@ -144,12 +179,11 @@ def check_fits(requests: list[GroupRequest], reward_workers: int = 0) -> None:
     raise PlacementError(
         "this cluster cannot place the GRPO roles:\n  - " + "\n  - ".join(problems)
         + "\n  requested:\n" + "".join(f"    {r.describe()}\n" for r in requests)
-        + (f"    reward scoring: {reward_workers} process(es) beside the driver (not Ray resources)\n"
-           if reward_workers else "")
         + f"  cluster: {_fmt(totals)} on {len(nodes)} node(s):\n{per_node}\n"
         + "  change: cluster.colocate=true (one shared bundle), the cluster.{actor,rollout,ref}_{cpus,gpus} sizes, "
-          "rollout.num_workers, train.tensor_parallel_size; or give the cluster more (cluster.num_cpus for a "
-          "local one, more nodes for a real one)")
+          "the cluster.{actor,rollout,ref,reward}_resources labels (a node must have them: ray start --resources), "
+          "rollout.num_workers, reward.workers, train.tensor_parallel_size; or give the cluster more "
+          "(cluster.num_cpus for a local one, more nodes for a real one)")
 
 
 def wait_placed(groups: list[PlacementGroup], requests: list[GroupRequest], timeout_s: float) -> None:
@@ -167,9 +201,10 @@ def wait_placed(groups: list[PlacementGroup], requests: list[GroupRequest], time
         "the cluster has room on paper, so other actors or jobs probably hold the resources")
 
 
-def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_steps: int) -> Roles:
-    """Start the actor and rollout workers from ``policy_path`` and, when ``ref_path`` is given, the frozen
-    reference worker from it."""
+def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_steps: int,
+                 reward: RewardFn | None = None, reward_log: Path | None = None) -> Roles:
+    """Start the actor and rollout workers from ``policy_path``, when ``ref_path`` is given the frozen reference
+    worker from it, and when ``reward`` is given the scoring actor (its processes print to ``reward_log``)."""
     with_ref = ref_path is not None
     c = cfg.cluster
     num_rollouts = cfg.rollout.num_workers
@@ -178,17 +213,18 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
         raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
                          "GPUs needs cluster.colocate=false (one GPU per rank)")
     requests = layout(cfg, with_ref)
-    check_fits(requests, cfg.reward.workers)
+    check_fits(requests)
     groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
     wait_placed(groups, requests, c.placement_timeout_s)
     if c.colocate:
         group, bundle = groups[0], requests[0].bundles[0]
         share = {k: v / (1 + num_rollouts + int(with_ref)) for k, v in bundle.items()}
-        slots = {"actor": (group, 0, share), "ref": (group, 0, share),
+        slots = {"actor": (group, 0, share), "ref": (group, 0, share), "reward": (group, 0, {}),
                  **{f"rollout{i}": (group, 0, share) for i in range(num_rollouts)}}
     else:
         slots = {"actor": (groups[0], 0, requests[0].bundles[0]),
-                 **{f"rollout{i}": (groups[1], i, requests[1].bundles[i]) for i in range(num_rollouts)}}
+                 **{f"rollout{i}": (groups[1], i, requests[1].bundles[i]) for i in range(num_rollouts)},
+                 "reward": (groups[-1], 0, requests[-1].bundles[0])}
         if with_ref:
             slots["ref"] = (groups[2], 0, requests[2].bundles[0])
 
@@ -222,27 +258,45 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
             policy_path, cfg.model, cfg.rollout, device, _threads(c, c.rollout_cpus)) for i in range(num_rollouts)]
         started += rollouts
         ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if ref_path is not None else None
-    except Exception as err:  # a group of ranks starts synchronously: clean up what did start
+        if ref is not None:
+            started.append(ref)
+        scorer = None if reward is None else RewardScorer(start_reward_actor(cfg, reward, reward_log, options))
+    except Exception as err:  # a group of ranks starts synchronously (the scorer's reward must pickle): clean up
         for handle in started:
             kill_policy(handle)
         for group in groups:
             remove_placement_group(group)
-        raise RuntimeError(f"a policy worker failed to start: {err}") from None
-    roles = Roles(actor, rollouts, ref, groups)
-    for name, handle in roles.names().items():  # surface start-up errors now, naming the role
-        try:
-            ray.get(handle.pid.remote())
-        except ray.exceptions.RayError as err:
-            roles.shutdown()
-            raise RuntimeError(f"the worker {name!r} failed to start: {err}") from None
+        raise RuntimeError(f"a worker failed to start: {err}") from None
+    roles = Roles(actor, rollouts, ref, groups, scorer)
+    actors = {}  # every actor, each rank of a group under its own name
+    for role, handle in roles.names().items():
+        ranks_of = handle.ranks if isinstance(handle, PolicyGroup) else [handle]
+        actors.update({role if r == 0 else f"{role}/rank{r}": (role, h) for r, h in enumerate(ranks_of)})
+    try:  # surfaces start-up errors now, naming the worker
+        roles.placed = record_nodes(actors)
+    except RuntimeError:
+        roles.shutdown()
+        raise
     return roles
+
+
+def start_reward_actor(cfg: RunConfig, reward: RewardFn, log_path: Path | None,
+                       options: Callable[[str, str], dict[str, Any]]) -> Any:
+    """The scoring actor (:class:`RewardActor`) in its slot: ``options(slot, name)`` gives its Ray options."""
+    r = cfg.reward
+    limits = Limits(r.memory_limit_mb, r.cpu_limit_s, r.max_processes, r.file_limit_mb, tuple(r.env_allow))
+    return ray.remote(RewardActor).options(**options("reward", REWARD)).remote(
+        reward_payload(reward), r.workers, r.timeout_s, r.failure_score, limits,
+        None if log_path is None else str(log_path))
 
 
 def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: Any, total_steps: int, trainable: bool,
                         name: str, threads: int) -> Any:
     """A lone policy worker outside the GRPO roles (the SFT stages): a ``PolicyWorker`` actor, or a group of
-    ranks (FSDP2, megatron) sharing this worker's (zero) CPU reservation. End it with :func:`kill_policy`."""
-    opts = {"name": name, "num_cpus": 0, "max_restarts": 0}
+    ranks (FSDP2, megatron) sharing this worker's (zero) CPU reservation, each rank on a node with the actor's
+    labels (``cluster.actor_resources``: a sliver of each, to pin, not to reserve). End it with :func:`kill_policy`."""
+    opts = {"name": name, "num_cpus": 0, "max_restarts": 0,
+            "resources": {k: 1e-3 for k in cfg.cluster.actor_resources}}
     if not is_group(train_cfg):
         return ray.remote(PolicyWorker).options(**opts).remote(model_path, cfg.model, train_cfg, total_steps,
                                                                 trainable, cfg.seed, threads)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, RolloutConfig, TrainConfig
 from lingshu_rl.data.vision import VisionInputs
+from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
 from lingshu_rl.rollout.factory import make_rollout_engine
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.train.group import EngineActor
@@ -66,6 +67,7 @@ class RolloutWorker:
                  threads: int = 0):
         _set_threads(threads)
         self.engine = make_rollout_engine(model_path, model_cfg, rollout_cfg, device)
+        self.channel: WeightChannel | None = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: list[VisionInputs | None] | None = None) -> list[Generation]:
@@ -73,6 +75,26 @@ class RolloutWorker:
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         self.engine.load_weights(weights)
+
+    def join_weight_sync(self, rendezvous: Rendezvous, rank: int, manifest: list[TensorSpec],
+                         bucket_bytes: int) -> None:
+        """Join the trainer's weight-sync group as ``rank`` (:mod:`lingshu_rl.models.transfer`)."""
+        self.channel = WeightChannel(rendezvous, rank, manifest, bucket_bytes, self.engine.device)
+
+    def receive_weights(self) -> None:
+        """Load the weights the trainer is broadcasting, bucket by bucket, as they arrive."""
+        assert self.channel is not None, "join_weight_sync first"
+        stream = self.channel.receive()
+        self.engine.load_weights(stream)
+        for _ in stream:  # a loader that stopped early: the group's broadcasts must still be taken
+            pass
+
+    def score(self, prompt: list[int], response: list[int], vision: VisionInputs | None = None) -> list[float]:
+        return self.engine.score(prompt, response, vision)
+
+    def probe(self, prompt: list[int], response: list[int], vision: VisionInputs | None,
+              modules: list[str]) -> dict[str, Tensor]:
+        return self.engine.probe(prompt, response, vision, modules)
 
     def pid(self) -> int:
         return os.getpid()

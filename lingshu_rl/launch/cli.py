@@ -136,16 +136,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from lingshu_rl.grpo.placement import PlacementError, check_fits, layout
     from lingshu_rl.launch.ray_cluster import start_ray
+    from lingshu_rl.launch.storage import StorageNotShared, check_shared_storage
 
     info = start_ray(run.cfg.cluster, namespace=f"lingshu-{run.output_dir.resolve().name}")
     if info["dashboard_url"]:
         print(f"[lingshu] Ray dashboard: http://{info['dashboard_url']}", flush=True)
     code = 0
     try:
+        check_shared_storage(run.output_dir)  # several nodes: all of them must see the output directory
         if "grpo" in run.stages and run.cfg.grpo.steps:  # before any stage starts an actor
-            check_fits(layout(run.cfg, with_ref=run.cfg.grpo.kl_coef > 0), run.cfg.reward.workers)
+            check_fits(layout(run.cfg, with_ref=run.cfg.grpo.kl_coef > 0))
         run_pipeline(run)
-    except (PromptTooLong, StageMissing, FileExistsError, DataError, ImageError, PlacementError) as err:
+    except (PromptTooLong, StageMissing, FileExistsError, DataError, ImageError, PlacementError,
+            StorageNotShared) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except (WorkerDied, TrainingStopped) as err:

@@ -6,9 +6,12 @@ is skipped takes its input from what an earlier run of the same output directory
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import ray
 from transformers import AutoTokenizer
 
 from lingshu_rl.config import RunConfig, to_dict
@@ -18,8 +21,6 @@ from lingshu_rl.data.vision import encode_prompt_with_images, load_image_process
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
 from lingshu_rl.grpo.controller import Prompt, train_grpo
 from lingshu_rl.rewards.base import RewardFn
-from lingshu_rl.rewards.pool import RewardPool
-from lingshu_rl.rewards.sandbox import Limits
 from lingshu_rl.sft.stages import run_sft, stage_output
 from lingshu_rl.telemetry import Telemetry, redact
 
@@ -80,28 +81,43 @@ def grpo_stage(run: Run, policy: str) -> str | None:
                           cfg.logging.console, resume_step=resume_step, total_steps=cfg.grpo.steps,
                           redact_text=cfg.logging.redact_text)
     try:
-        r = cfg.reward
-        limits = Limits(r.memory_limit_mb, r.cpu_limit_s, r.max_processes, r.file_limit_mb, tuple(r.env_allow))
-        with RewardPool(run.reward, r.workers, r.timeout_s, r.failure_score, limits,
-                        run.output_dir / "reward_workers.log") as pool:
-            last = train_grpo(cfg, run.output_dir, prompts, policy, pad_id, pool, run.reward_names, telemetry,
-                              run.resume)
+        last = train_grpo(cfg, run.output_dir, prompts, policy, pad_id, run.reward, run.reward_names, telemetry,
+                          run.resume)
     finally:
         telemetry.close()
     return str(last / "model") if last else None
 
 
-def eval_stage(run: Run, models: dict[str, str]) -> None:
-    """Evaluate the final model (and, with ``eval.compare``, every earlier one) on the configured benchmarks."""
-    from lingshu_rl.eval import compare, evaluate
+def _evaluate_in_worker(threads: int, *args: Any, **kwargs: Any) -> None:
+    import torch
 
-    cfg = run.cfg.eval
+    from lingshu_rl.eval import evaluate
+
+    torch.set_num_threads(threads)  # Ray gives a worker one thread; evaluation has the node to itself
+    evaluate(*args, **kwargs)
+
+
+def eval_stage(run: Run, models: dict[str, str]) -> None:
+    """Evaluate the final model (and, with ``eval.compare``, every earlier one) on the configured benchmarks.
+
+    Each evaluation runs in a Ray worker placed like a rollout worker (a sliver of a CPU and of each of the
+    rollout's node labels, its GPUs), never in the driver: on a cluster the driver's node may hold nothing."""
+    from lingshu_rl.eval import compare
+
+    cfg, c = run.cfg.eval, run.cfg.cluster
+    task = ray.remote(_evaluate_in_worker).options(
+        num_cpus=1e-3, num_gpus=c.rollout_gpus, resources={k: 1e-3 for k in c.rollout_resources}, max_retries=0)
+    threads = int(c.num_cpus or os.cpu_count() or 1) if c.colocate else max(1, int(c.rollout_cpus))
     chosen = models if cfg.compare else dict([list(models.items())[-1]])
     results = {}
     for name, path in chosen.items():
-        out = run.output_dir / "eval" / name
-        evaluate(path, cfg.benchmarks, Path(cfg.data_dir) if cfg.data_dir else None, out, engine=cfg.engine,
-                 limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, redact_text=run.cfg.logging.redact_text)
+        out = (run.output_dir / "eval" / name).resolve()  # the worker may run elsewhere: no relative path
+        data_dir = Path(cfg.data_dir).resolve() if cfg.data_dir else None
+        try:
+            ray.get(task.remote(threads, path, cfg.benchmarks, data_dir, out, engine=cfg.engine, limit=cfg.limit,
+                                max_new_tokens=cfg.max_new_tokens, redact_text=run.cfg.logging.redact_text))
+        except ray.exceptions.RayTaskError as err:  # the evaluation's own error (bad data, a missing image)
+            raise err.cause from None
         results[name] = out
     if len(results) > 1:
         print(f"[lingshu] comparison: {compare(results, run.output_dir / 'eval')}", flush=True)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import cloudpickle
 
@@ -65,6 +65,12 @@ class ScoredBatch:
         counts = Counter(f.kind for f in self.failures)
         return {"reward/failures": float(len(self.failures)),
                 **{f"reward/failures_{k}": float(v) for k, v in counts.items()}}
+
+
+class Scorer(Protocol):
+    """What the training loop scores with: a :class:`RewardPool`, or the driver's handle on the scoring actor."""
+
+    def score(self, items: Sequence[ScoreItem]) -> ScoredBatch: ...
 
 
 def score_one(fn: RewardFn, item: ScoreItem) -> tuple[str, Any]:
@@ -167,7 +173,8 @@ class RewardPool:
         self._log = open(log_path, "ab") if log_path is not None and num_workers else None  # noqa: SIM115
         self._workers: list[_Worker] = []
         if num_workers:
-            # reward files travel as paths and are loaded by the worker first: their code is pickled by reference
+            # reward files travel as source text and are loaded by the worker first: their code is pickled by
+            # reference
             self._reward_bytes = cloudpickle.dumps(reward)
             self._workers = [self._start() for _ in range(num_workers)]
 

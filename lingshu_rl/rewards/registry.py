@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
+import linecache
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -24,8 +24,9 @@ from lingshu_rl.rewards.base import RewardFn
 ENTRY_POINT_GROUP = "lingshu_rl.rewards"
 _BUILTINS: dict[str, RewardFn] = {}
 # Rewards loaded from a file live in a module of a made-up name; scoring workers load the same files under the
-# same names first, so a reward is pickled by reference and its tracebacks name the user's file and line.
-_USER_FILES: dict[str, str] = {}
+# same names first, so a reward is pickled by reference and its tracebacks name the user's file and line. The
+# source text travels with the path: a scorer on another Ray node needs no copy of the file.
+_USER_FILES: dict[str, tuple[str, str]] = {}  # module name -> (path, source)
 
 
 class RewardResolutionError(LookupError):
@@ -63,13 +64,15 @@ def _from_module(ref: str) -> RewardFn:
     return getattr(module, attr)
 
 
-def _load_file_module(module_name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+def _load_source_module(module_name: str, path: str, source: str) -> ModuleType:
+    """A module run from ``source`` under the file name ``path`` (its tracebacks name the user's file and line,
+    shown even where that file does not exist)."""
+    module = ModuleType(module_name)
+    module.__file__ = path
     sys.modules[module_name] = module
+    linecache.cache[path] = (len(source), None, source.splitlines(keepends=True), path)
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102  (the user's own reward file)
     except BaseException:
         del sys.modules[module_name]
         raise
@@ -82,22 +85,24 @@ def _from_file(ref: str) -> RewardFn:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     module_name = "lingshu_rl_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module = sys.modules.get(module_name) or _load_file_module(module_name, path)
-    _USER_FILES[module_name] = str(path)
-    return getattr(module, attr)
+    if module_name not in sys.modules:
+        _USER_FILES[module_name] = (str(path), path.read_text())
+        _load_source_module(module_name, *_USER_FILES[module_name])
+    return getattr(sys.modules[module_name], attr)
 
 
-def user_reward_files() -> dict[str, str]:
-    """Module name -> path of every reward file loaded in this process (for :func:`load_user_reward_files`)."""
+def user_reward_files() -> dict[str, tuple[str, str]]:
+    """Module name -> (path, source) of every reward file loaded in this process (for
+    :func:`load_user_reward_files`)."""
     return dict(_USER_FILES)
 
 
-def load_user_reward_files(files: dict[str, str]) -> None:
+def load_user_reward_files(files: dict[str, tuple[str, str]]) -> None:
     """Load reward files under the module names another process gave them (a scoring worker, before unpickling)."""
-    for module_name, path in files.items():
+    for module_name, (path, source) in files.items():
         if module_name not in sys.modules:
-            _load_file_module(module_name, Path(path))
-        _USER_FILES[module_name] = path
+            _load_source_module(module_name, path, source)
+        _USER_FILES[module_name] = (path, source)
 
 
 def resolve_reward(ref: str) -> RewardFn:

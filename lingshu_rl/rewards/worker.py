@@ -1,6 +1,6 @@
 """Entry point of a scoring-pool process: ``python -m lingshu_rl.rewards.worker READ_FD WRITE_FD``.
 
-Receives its limits and cgroup, the reward files to load (module name -> path) and the cloudpickled reward;
+Receives its limits and cgroup, the reward files to load (module name -> path and source) and the cloudpickled reward;
 applies the limits (:mod:`lingshu_rl.rewards.sandbox`), answers ``ready``, then scores ``(index, ScoreItem)``
 messages until it receives ``None`` or its pipe closes. Every answer is one JSON object.
 """

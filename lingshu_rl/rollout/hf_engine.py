@@ -9,6 +9,7 @@ across the end of the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from lingshu_rl.data.vision import VisionInputs, stack_vision
+from lingshu_rl.models.probe import capture
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
 
@@ -113,5 +115,31 @@ class TransformersRollout:
             generations.append(Generation(list(prompt), response, text, finish))
         return generations
 
-    def load_weights(self, weights: dict[str, Tensor]) -> None:
-        self.model.load_state_dict(weights, strict=True)
+    @torch.no_grad()
+    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
+        """Copy each tensor into the parameter (or buffer) of its name; every parameter must be given (tied ones
+        once, or under each name)."""
+        state = self.model.state_dict(keep_vars=True)
+        written: set[int] = set()
+        for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
+            if name not in state:
+                raise KeyError(f"load_weights: the rollout model has no tensor {name!r}")
+            state[name].copy_(tensor)
+            written.add(id(state[name]))
+        if missing := [n for n, p in self.model.named_parameters() if id(p) not in written]:
+            raise KeyError(f"load_weights: {len(missing)} parameter(s) were not given, e.g. {missing[0]!r}")
+
+    @torch.no_grad()
+    def score(self, prompt: list[int], response: list[int], vision: VisionInputs | None = None) -> list[float]:
+        input_ids = torch.tensor([prompt + response], device=self.device)
+        logits = self.model(input_ids=input_ids, **self._vision_kwargs(input_ids, [vision])).logits[0].float()
+        steps = logits[len(prompt) - 1:-1].log_softmax(dim=-1)  # position t predicts token t + 1
+        return steps.gather(-1, torch.tensor(response, device=self.device).unsqueeze(-1)).squeeze(-1).tolist()
+
+    @torch.no_grad()
+    def probe(self, prompt: list[int], response: list[int], vision: VisionInputs | None,
+              modules: list[str]) -> dict[str, Tensor]:
+        """Each of ``modules``' output while scoring the response (:mod:`lingshu_rl.models.probe`)."""
+        with capture(self.model, {m: m for m in modules}) as outputs:
+            self.score(prompt, response, vision)
+        return dict(outputs)

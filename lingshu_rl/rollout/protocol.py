@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from lingshu_rl.data.vision import VisionInputs
@@ -33,10 +35,21 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
+    device: torch.device  # where the weights live (a weight sync's buffers go there)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: list[VisionInputs | None] | None = None) -> list[Generation]:
         """``params.n`` generations per prompt, grouped: prompt 0's n responses first. ``images[i]`` are prompt
         i's images (its ids hold the expanded image pads, :mod:`lingshu_rl.data.vision`)."""
 
-    def load_weights(self, weights: dict[str, Tensor]) -> None:
-        """Replace the model weights in place (Hugging Face names)."""
+    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
+        """Replace the model weights in place from Hugging Face-named tensors: a dict, or ``(name, tensor)`` pairs
+        (a stream: each tensor is read once, when the loader reaches it)."""
+
+    def score(self, prompt: list[int], response: list[int], vision: VisionInputs | None = None) -> list[float]:
+        """The log-prob of each response token after the prompt and the tokens before it (temperature 1)."""
+
+    def probe(self, prompt: list[int], response: list[int], vision: VisionInputs | None,
+              modules: list[str]) -> dict[str, Tensor]:
+        """The output of each of ``modules`` (Hugging Face module names) while scoring ``response``, as flat float32
+        CPU tensors in the order they ran (:mod:`lingshu_rl.models.probe`)."""

@@ -25,18 +25,19 @@ anyway. (In bfloat16 the scaled logits are rounded to bfloat16 once more; vLLM's
 
 How new weights reach vLLM after each update (in place: no files, no engine restart)
 ------------------------------------------------------------------------------------
-1. Ray object store. The controller calls ``actor.weights.remote()`` once and hands the resulting ObjectRef
-   to every rollout worker's ``load_weights``; Ray stores the state dict (CPU tensors, Hugging Face names)
-   once and each rollout actor reads it (shared memory on the same node, a network copy to other nodes).
-2. Same process. The rollout actor calls ``llm.collective_rpc(_reload_weights, args=(weights,))``. With one
-   engine worker run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless you set it; what runs
-   on CPU) this is a plain function call on the tensors just read; with tensor parallelism vLLM pickles the
-   arguments to each of its worker processes. On each worker, ``worker.reload_weights(weights_iterator=...)``
-   runs the model's own ``load_weights`` (Hugging Face names -> vLLM's fused qkv / gate_up parameters,
-   tied embeddings skipped) and copies into the existing parameter tensors.
+1. To the rollout actor (:mod:`lingshu_rl.grpo.sync`): by default the actor's rank 0 broadcasts the weights
+   over a process group it shares with the rollout workers, bucket by bucket (:mod:`lingshu_rl.models.transfer`),
+   and ``load_weights`` gets a stream of ``(name, tensor)`` pairs that receives each bucket when the loader reaches
+   it. With ``rollout.weight_sync: object_store`` it gets the whole state dict from Ray's object store.
+2. Into the engine: ``llm.collective_rpc(_reload_weights, args=(weights,))``. With one engine worker run
+   in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless you set it; what runs on CPU) this is a plain
+   function call, so the stream goes straight through; with tensor parallelism vLLM pickles the arguments to each
+   of its worker processes, so a stream is first collected into one dict (GPU only, untested). On each worker,
+   ``worker.reload_weights(weights_iterator=...)`` runs the model's own ``load_weights`` (Hugging Face names ->
+   vLLM's fused qkv / gate_up parameters, tied embeddings skipped), copies into the existing parameters and
+   re-runs the post-load processing (on CPU: repacking each linear layer for oneDNN).
 3. ``llm.reset_prefix_cache()``: cached KV blocks were computed with the old weights.
-No NCCL / collective weight broadcast is used (there is none on CPU); on a multi-GPU cluster that would be
-the next step, behind this same ``load_weights``.
+A colocated engine sharing the trainer's GPU could take CUDA IPC handles instead of a copy; that is not built.
 
 Colocated on one GPU (``rollout.enable_sleep_mode``) -- UNTESTED: no GPU was available when this was written;
 it follows vLLM's documented sleep-mode API (``LLM(enable_sleep_mode=True)``, ``sleep(level=1)``,
@@ -52,6 +53,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -59,6 +61,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lingshu_rl.data.vision import IMAGE_PAD, VisionInputs, compact_image_pads
+from lingshu_rl.models.probe import capture
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:  # vLLM is an optional dependency
@@ -87,9 +90,33 @@ def _is_multimodal(model_path: str, trust_remote_code: bool) -> bool:
     return hasattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "vision_config")
 
 
-def _reload_weights(worker: Any, weights: dict[str, Tensor]) -> None:
+def _reload_weights(worker: Any, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
     """Runs on every vLLM worker (``collective_rpc``): in-place reload from Hugging Face-named tensors."""
-    worker.reload_weights(weights_iterator=iter(weights.items()))
+    worker.reload_weights(weights_iterator=iter(weights.items() if isinstance(weights, Mapping) else weights))
+
+
+def _vllm_module_names(worker: Any, modules: list[str]) -> dict[str, str]:
+    """vLLM's name of each Hugging Face module (its model's own name mapping), for the modules it has."""
+    model = worker.get_model()
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    own = dict(model.named_modules())
+    names = {}
+    for module in modules:
+        mapped = mapper.map_name(f"{module}.weight") if mapper is not None else f"{module}.weight"
+        if mapped is not None and mapped.removesuffix(".weight") in own:
+            names[mapped.removesuffix(".weight")] = module
+    return names
+
+
+def _start_probe(worker: Any, names: dict[str, str]) -> None:
+    recording = capture(worker.get_model(), names)
+    worker.lingshu_probe = (recording, recording.__enter__())
+
+
+def _stop_probe(worker: Any) -> dict[str, Tensor]:
+    recording, outputs = worker.__dict__.pop("lingshu_probe")
+    recording.__exit__(None, None, None)
+    return dict(outputs)
 
 
 def _divide_logits_by(worker: Any, temperature: float) -> None:
@@ -135,6 +162,7 @@ class VLLMRollout:
         self.logit_temperature = 1.0  # what the model's logits are divided by now
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and tensor_parallel_size == 1
         self.eos_ids = end_of_turn_ids(tokenizer)
+        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: list[VisionInputs | None] | None = None) -> list[Generation]:
@@ -185,7 +213,9 @@ class VLLMRollout:
         pad_id = cast(int, self.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
         return {"prompt_token_ids": compact_image_pads(prompt, pad_id), "multi_modal_data": {"image": vision.images}}
 
-    def load_weights(self, weights: dict[str, Tensor]) -> None:
+    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
+        if not self.in_process:  # vLLM pickles the arguments to its worker processes: a stream cannot go
+            weights = dict(weights)  # (GPU with tensor_parallel_size > 1, untested: one dict, as Ray's path has)
         if self.asleep:  # GPU only (untested here): weights first, the KV cache only once they are loaded
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_reload_weights, args=(weights,))
@@ -195,6 +225,35 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
         if self.multimodal:  # cached image embeddings were computed by the old vision tower
             self.llm.llm_engine.reset_encoder_cache()
+
+    def score(self, prompt: list[int], response: list[int], vision: VisionInputs | None = None) -> list[float]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        self._wake()
+        self._set_logit_temperature(1.0)
+        request = self._request(prompt + response, vision)
+        params = VLLMSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        steps = self.llm.generate([request], params, use_tqdm=False)[0].prompt_logprobs
+        assert steps is not None
+        # one {token: Logprob} per prompt position (None for the first); the response is the prompt's tail
+        return [cast("dict[int, Logprob]", step)[token].logprob
+                for step, token in zip(steps[len(steps) - len(response):], response)]
+
+    def probe(self, prompt: list[int], response: list[int], vision: VisionInputs | None,
+              modules: list[str]) -> dict[str, Tensor]:
+        """Each of ``modules``' (Hugging Face names) output while scoring the response, from vLLM's own modules
+        (:mod:`lingshu_rl.models.probe`); the prefix and image caches are dropped first so that every token and
+        image is computed."""
+        names = self.llm.collective_rpc(_vllm_module_names, args=(modules,))[0]
+        self.llm.reset_prefix_cache()
+        if self.multimodal:
+            self.llm.llm_engine.reset_encoder_cache()
+        self.llm.collective_rpc(_start_probe, args=(names,))
+        try:
+            self.score(prompt, response, vision)
+        finally:
+            outputs = self.llm.collective_rpc(_stop_probe)[0]
+        return outputs
 
     def _wake(self) -> None:
         if self.asleep:  # GPU only (untested here)

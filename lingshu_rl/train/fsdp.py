@@ -61,18 +61,26 @@ def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: De
     fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=placement)
 
 
-def gathered_tensors(module: torch.nn.Module, prefix: str = "", tied_once: bool = True
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full CPU tensor)`` for each entry of ``module``'s state dict under ``prefix``, the prefix removed,
-    gathered one at a time (every rank takes part in each gather; unsharded modules need none). ``tied_once``:
-    a tied weight comes once, under its first name (as a checkpoint stores it), else under each name."""
+def state_entries(module: torch.nn.Module, prefix: str = "", tied_once: bool = True
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, value)`` for each entry of ``module``'s state dict under ``prefix``, the prefix removed, as this rank
+    holds it (a sharded value is a ``DTensor`` whose ``shape`` is the full one). ``tied_once``: a tied weight comes
+    once, under its first name (as a checkpoint stores it), else under each name."""
     seen: set[int] = set()
     for name, value in module.state_dict(keep_vars=True).items():
         if not name.startswith(prefix) or (tied_once and id(value) in seen):
             continue
         seen.add(id(value))
+        yield name.removeprefix(prefix), value
+
+
+def gathered_tensors(module: torch.nn.Module, prefix: str = "", tied_once: bool = True, to_cpu: bool = True
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`state_entries` as full tensors (on the CPU unless ``to_cpu=False``), gathered one at a time: every
+    rank takes part in each gather; unsharded modules need none."""
+    for name, value in state_entries(module, prefix, tied_once):
         full = value.full_tensor() if isinstance(value, DTensor) else value
-        yield name.removeprefix(prefix), full.detach().cpu()
+        yield name, full.detach().cpu() if to_cpu else full.detach()
 
 
 def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int,

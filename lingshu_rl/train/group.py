@@ -4,9 +4,9 @@
     ray.get(group.update.remote(batch, loss))   # each data-parallel rank trains on its share; rank 0's metrics
 
 Ranks are ``data_parallel_size x tensor_parallel_size`` (FSDP2: DP ranks; megatron: TP ranks). :class:`PolicyGroup`
-has the methods of :class:`EngineActor` (``logprobs``, ``update``, ``weights``, ``save``,
-``load_training_state``, ``pid``), each with ``.remote(...)`` returning one ``ObjectRef``, so the controller and
-the SFT stages drive a group exactly as they drive a single worker. The group deals each update's batch to the
+has the methods of :class:`EngineActor` (``logprobs``, ``update``, ``weights``, ``send_weights``, ``save``, ...),
+each with ``.remote(...)`` returning one ``ObjectRef``, so the controller and the SFT stages drive a group exactly
+as they drive a single worker. The group deals each update's batch to the
 data-parallel ranks by token count (:mod:`lingshu_rl.train.split`) and puts log-probs back in row order. Rank 0
 picks the rendezvous address (its node IP and a free port); the engines initialise the process group.
 """
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.models.transfer import Rendezvous, TensorSpec
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, balanced_shards, blank_row, plan_updates
@@ -56,6 +57,18 @@ class EngineActor:
     def weights(self) -> dict[str, Tensor]:
         return self.engine.weights()
 
+    def weight_manifest(self) -> list[TensorSpec]:
+        return self.engine.weight_manifest()
+
+    def join_weight_sync(self, rendezvous: Rendezvous, bucket_bytes: int) -> None:
+        self.engine.join_weight_sync(rendezvous, bucket_bytes)
+
+    def send_weights(self) -> int:
+        return self.engine.send_weights()
+
+    def probe(self, batch: TokenBatch) -> dict[str, Tensor]:
+        return self.engine.probe(batch)
+
     def save(self, directory: str) -> None:
         self.engine.save(Path(directory))
 
@@ -64,6 +77,12 @@ class EngineActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it (a rendezvous: rank 0's process group, the weight-sync group)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 class PolicyRank(EngineActor):
@@ -78,12 +97,6 @@ class PolicyRank(EngineActor):
         self.args = (model_path, model_cfg, train_cfg, total_steps, trainable, lr)
         self.seed = seed
         self.engine: Any = None
-
-    def address(self) -> tuple[str, int]:
-        """This node's IP and a free port for the group's rendezvous (asked of rank 0)."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
     def start(self, master_addr: str, master_port: int) -> None:
         model_path, model_cfg, train_cfg, total_steps, trainable, lr = self.args
@@ -169,6 +182,11 @@ class PolicyGroup:
         self.logprobs = _Logprobs(self)
         self.update = _Update(self)
         self.weights = _OnAllRanks([r.weights for r in ranks])
+        self.weight_manifest = ranks[0].weight_manifest
+        self.address = ranks[0].address
+        self.join_weight_sync = _OnAllRanks([r.join_weight_sync for r in ranks])
+        self.send_weights = _OnAllRanks([r.send_weights for r in ranks])
+        self.probe = _OnAllRanks([r.probe for r in ranks])  # the same forward on every rank
         self.save = _OnAllRanks([r.save for r in ranks])
         self.load_training_state = _OnAllRanks([r.load_training_state for r in ranks])
         self.pid = _OnAllRanks([r.pid for r in ranks])

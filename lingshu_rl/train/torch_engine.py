@@ -28,6 +28,8 @@ from lingshu_rl.models.hf import (
     packed_multimodal_positions,
     pick_device,
 )
+from lingshu_rl.models.probe import capture, probed_modules
+from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
 from lingshu_rl.train import fsdp
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.fsdp import DistInfo
@@ -117,6 +119,7 @@ class TorchEngine:
         lm = self.model.lm
         self.multimodal = hasattr(lm.config, "vision_config")
         self.model.train(trainable)
+        self.channel: WeightChannel | None = None  # rank 0's end of the weight-sync group, once joined
         if trainable:
             named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]  # sharding replaced them
             self.params = [p for _, p in named]
@@ -235,10 +238,10 @@ class TorchEngine:
 
     # --- weights and checkpoints ---------------------------------------------------------------------------------
 
-    def _hf_tensors(self, tied_once: bool) -> Iterator[tuple[str, Tensor]]:
+    def _hf_tensors(self, tied_once: bool, to_cpu: bool = True) -> Iterator[tuple[str, Tensor]]:
         """The model's tensors under Hugging Face names, in ``model.dtype``, gathered one at a time."""
         return ((name, t.to(self.compute_dtype) if t.is_floating_point() else t)
-                for name, t in fsdp.gathered_tensors(self.model, "lm.", tied_once))
+                for name, t in fsdp.gathered_tensors(self.model, "lm.", tied_once, to_cpu))
 
     def _writes(self) -> bool:
         return not self.sharded or dist.get_rank() == 0
@@ -252,6 +255,35 @@ class TorchEngine:
         for _ in tensors:  # each gather is a collective: every rank takes part
             pass
         return {}
+
+    def weight_manifest(self) -> list[TensorSpec]:
+        """What :meth:`send_weights` sends: Hugging Face names (tied weights under each name, as in a state dict:
+        vLLM on CPU refreshes its tied output head only when ``lm_head.weight`` comes), full shapes, ``model.dtype``."""
+        return [TensorSpec(name, tuple(t.shape), self.compute_dtype if t.is_floating_point() else t.dtype)
+                for name, t in fsdp.state_entries(self.model, "lm.", tied_once=False)]
+
+    def join_weight_sync(self, rendezvous: Rendezvous, bucket_bytes: int) -> None:
+        """Rank 0 becomes the source of the weight-sync group (:mod:`lingshu_rl.models.transfer`)."""
+        if self._writes():
+            self.channel = WeightChannel(rendezvous, 0, self.weight_manifest(), bucket_bytes, self.device)
+
+    def send_weights(self) -> int:
+        """Gather each tensor (every rank) and broadcast it in buckets to the rollout workers (rank 0)."""
+        tensors = self._hf_tensors(tied_once=False, to_cpu=False)
+        if self.channel is not None:
+            return self.channel.send(tensors)
+        for _ in tensors:
+            pass
+        return 0
+
+    @torch.no_grad()
+    def probe(self, batch: TokenBatch) -> dict[str, Tensor]:
+        """Each probed module's output on ``batch`` (:mod:`lingshu_rl.models.probe`); every rank runs the same
+        forward (sharded layers are gathered in it)."""
+        modules = probed_modules(name for name, _ in self.lm.named_parameters())
+        with capture(self.model, {f"lm.{m}": m for m in modules}) as outputs:
+            self.logprobs(batch, 1.0)
+        return dict(outputs)
 
     def save(self, directory: Path) -> None:
         """``directory/model``: the Hugging Face model in ``model.dtype``, gathered one tensor at a time and

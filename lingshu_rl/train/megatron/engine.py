@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.models.probe import capture
+from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.megatron import cpu_compat
 from lingshu_rl.train.megatron.convert import GPTSpec, hf_names_of, hf_to_megatron, merge_to_hf, partition_dim
@@ -138,11 +140,18 @@ class MegatronEngine:
         self.padded_rows = padded if bool(padded.any()) else None
 
         self.trainable = trainable
+        self.channel: WeightChannel | None = None  # rank 0's end of the weight-sync group, once joined
         if trainable:
             self.model.train()
             named = self._trainable(train_cfg.freeze)
             self.params = [p for _, p in named]
-            self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
+            # float32 main weights for the half-precision parameters (megatron keeps its norms in float32): the
+            # optimizer updates these and the model's copies are refreshed from them after every step (a bf16
+            # update of 1e-6 would round to nothing)
+            self.main = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
+                         for p in self.params]
+            self.optimizer, self.scheduler = make_optimizer(
+                [(name, main) for (name, _), main in zip(named, self.main)], train_cfg, total_steps, lr)
         else:
             self.model.eval()
             self.model.requires_grad_(False)
@@ -215,14 +224,22 @@ class MegatronEngine:
         return self._clip_grad_norm(max_norm)
 
     def step(self) -> None:
+        halves = [(param, main) for param, main in zip(self.params, self.main) if main is not param]
+        for param, main in halves:
+            main.grad = None if param.grad is None else param.grad.float()
         self.optimizer.step()
         self.scheduler.step()
+        with torch.no_grad():
+            for param, main in halves:
+                param.copy_(main)
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        for param in self.params:
+            param.grad = None
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return values  # one tensor-parallel group: every rank holds the same (whole-batch) sums
@@ -272,9 +289,9 @@ class MegatronEngine:
 
     # --- weights and checkpoints ----------------------------------------------------------------------------
 
-    def weights(self) -> dict[str, Tensor]:
-        """Full HF-named weights on rank 0 (CPU); ``{}`` on the other ranks. Every rank must call it."""
-        out: dict[str, Tensor] = {}
+    def _hf_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Full HF-named tensors, one megatron parameter at a time, on rank 0; every rank takes part in each gather
+        (and yields nothing on the other ranks). With tied embeddings ``lm_head.weight`` comes too."""
         for name, param in self.model.named_parameters():
             data = param.detach()
             if partition_dim(name) is not None and self.spec.tp_size > 1:
@@ -283,11 +300,51 @@ class MegatronEngine:
             else:
                 shards = [data.clone()]  # a snapshot, not the live parameter
             if self.rank == 0:
-                out.update(merge_to_hf(name, [s.cpu() for s in shards], self.spec))
-        return out
+                yield from merge_to_hf(name, shards, self.spec).items()
+
+    def weights(self) -> dict[str, Tensor]:
+        """Full HF-named weights on rank 0 (CPU); ``{}`` on the other ranks. Every rank must call it."""
+        return {name: t.cpu() for name, t in self._hf_tensors()}
+
+    def weight_manifest(self) -> list[TensorSpec]:
+        """What :meth:`send_weights` sends (tied weights under each name), from the parameters' shapes alone."""
+        specs = []
+        for name, param in self.model.named_parameters():
+            shard = torch.empty(param.shape, dtype=param.dtype, device="meta")
+            shards = [shard] * (self.spec.tp_size if partition_dim(name) is not None else 1)
+            specs += [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in merge_to_hf(name, shards, self.spec).items()]
+        return specs
+
+    def join_weight_sync(self, rendezvous: Rendezvous, bucket_bytes: int) -> None:
+        """Rank 0 becomes the source of the weight-sync group (:mod:`lingshu_rl.models.transfer`)."""
+        if self.rank == 0:
+            self.channel = WeightChannel(rendezvous, 0, self.weight_manifest(), bucket_bytes, self.device)
+
+    def send_weights(self) -> int:
+        """Gather each parameter across the tensor-parallel ranks; rank 0 broadcasts it in buckets."""
+        if self.channel is not None:
+            return self.channel.send(self._hf_tensors())
+        for _ in self._hf_tensors():
+            pass
+        return 0
+
+    @torch.no_grad()
+    def probe(self, batch: TokenBatch) -> dict[str, Tensor]:
+        """Each module's output on ``batch`` under its Hugging Face name (:mod:`lingshu_rl.models.probe`; megatron's
+        ``[seq, batch, hidden]`` flattens as Hugging Face's ``[batch, seq, hidden]`` for one row). Every rank runs
+        the same forward; the tensor-parallel outputs are already reduced."""
+        names = {"embedding": "model.embed_tokens", "decoder.final_layernorm": "model.norm"}
+        for i in range(self.spec.num_layers):
+            names.update({f"decoder.layers.{i}.{own}": f"model.layers.{i}.{hf}" for own, hf in (
+                ("input_layernorm", "input_layernorm"), ("self_attention", "self_attn"),
+                ("pre_mlp_layernorm", "post_attention_layernorm"), ("mlp", "mlp"))})
+        with capture(self.model, names) as outputs:
+            self.logprobs(batch, 1.0)
+        return dict(outputs)
 
     def save(self, directory: Path) -> None:
-        """``directory/model`` (HF safetensors, config, tokenizer; rank 0) and each rank's optimiser state."""
+        """``directory/model`` (HF safetensors, config, tokenizer; rank 0) and each rank's optimiser state (with
+        its float32 main weights when the model is half precision)."""
         from huggingface_hub import save_torch_state_dict
         from transformers import GenerationConfig
 
@@ -308,7 +365,7 @@ class MegatronEngine:
             path = directory / "megatron" / f"optimizer_tp{self.rank}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"tp_size": self.spec.tp_size, "rank": self.rank, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, path)
+                        "scheduler": self.scheduler.state_dict(), "main": [m.detach().cpu() for m in self.main]}, path)
         torch.distributed.barrier(group=self.group)  # the checkpoint is complete when any rank returns
 
     def load_training_state(self, directory: Path) -> None:
@@ -322,6 +379,10 @@ class MegatronEngine:
                              f"this run uses {self.spec.tp_size}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        with torch.no_grad():  # the float32 main weights exactly (the exported model holds them rounded)
+            for param, main, saved in zip(self.params, self.main, state.get("main") or []):
+                main.copy_(saved)
+                param.copy_(saved)
 
 
 def _pick_device(name: str) -> torch.device:

