@@ -29,7 +29,7 @@ SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab); untie
     "400m": (1024, 24, 16, 4, 4096, 32000),
 }
 REPEATS = 5
-BUCKET_MB = 256
+BUCKET_MB = 256  # rollout.sync_bucket_mb's default
 
 
 def build(size: str, root: Path) -> str:
@@ -87,7 +87,7 @@ def _biggest_layer_mb(path: str) -> float:
     return max(sizes.values()) / 2**20
 
 
-def measure(size: str, path: str, rollout_engine: str) -> list[dict[str, Any]]:
+def measure(size: str, path: str, rollout_engine: str, bucket_mb: int) -> list[dict[str, Any]]:
     import ray
 
     from lingshu_rl.config import ModelConfig, RolloutConfig, RunConfig, TrainConfig
@@ -97,7 +97,7 @@ def measure(size: str, path: str, rollout_engine: str) -> list[dict[str, Any]]:
 
     model = ModelConfig(dtype="bfloat16")
     train = TrainConfig(threads=1)
-    rollout_cfg = RolloutConfig(engine=rollout_engine, sync_bucket_mb=BUCKET_MB)
+    rollout_cfg = RolloutConfig(engine=rollout_engine, sync_bucket_mb=bucket_mb)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     rows = []
@@ -109,7 +109,7 @@ def measure(size: str, path: str, rollout_engine: str) -> list[dict[str, Any]]:
         for method in ("object_store", "collective"):
             sync = WeightSync(roles, RunConfig(model=model, train=train,
                                                rollout=RolloutConfig(engine=rollout_engine, weight_sync=method,
-                                                                     sync_bucket_mb=BUCKET_MB)), path)
+                                                                     sync_bucket_mb=bucket_mb)), path)
             seconds, canary_s, extra_actor, extra_rollout, loads = [], [], [], [], []
             for _ in range(REPEATS):
                 before = ray.get([h.__ray_call__.remote(_reset_peak) for h in (actor, worker)])
@@ -144,15 +144,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--rollout", default="vllm", choices=["vllm", "transformers"])
+    parser.add_argument("--bucket-mb", type=int, default=BUCKET_MB)
     args = parser.parse_args()
     print(f"load average at start: {load():.2f} on {os.cpu_count()} CPUs; {REPEATS} syncs per row, medians; "
-          f"buckets of {BUCKET_MB} MB; rollout engine: {args.rollout}", flush=True)
+          f"buckets of {args.bucket_mb} MB; rollout engine: {args.rollout}", flush=True)
     header = (f"| model | MB (bf16) | method | s / sync | x object store | actor +MB | rollout +MB | canary s "
               f"| load |")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
         for size in args.sizes.split(","):
-            rows += measure(size, build(size, Path(root)), args.rollout)
+            rows += measure(size, build(size, Path(root)), args.rollout, args.bucket_mb)
             print(f"  measured {size}", flush=True)
     print(header)
     print("|---|--:|---|--:|--:|--:|--:|--:|--:|")

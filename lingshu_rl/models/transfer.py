@@ -6,9 +6,9 @@ group (FSDP's, megatron's) and from vLLM's, so none of them has to know about th
 
 Every sync sends the same tensors in the same order: the *manifest* (names, shapes, dtypes) fixed when the group
 is made. Both sides plan the same buckets from it, and each bucket travels as one flat byte buffer broadcast from
-rank 0, with no metadata per sync. The receiver yields a bucket's tensors as views of a fresh buffer straight
-into the engine's loader, so on either side at most one bucket (and the tensor being gathered) is in flight:
-never a whole model.
+rank 0, with no metadata per sync. The receiver yields a bucket's tensors one by one straight into the engine's
+loader, so on either side one bucket (and the tensors being gathered or loaded) is in flight: never a whole
+model.
 """
 
 from __future__ import annotations
@@ -127,4 +127,7 @@ class WeightChannel:
             buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._broadcast(buffer)
             for spec, offset in zip(bucket, offsets):
-                yield spec.name, buffer[offset:offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+                # a copy, not a view: a loader may keep some tensors until their layer is complete (vLLM's
+                # layerwise reload does), and a view would keep this whole bucket alive beside the next one
+                yield spec.name, buffer[offset:offset + spec.nbytes].view(spec.dtype).view(spec.shape).clone()
+            del buffer
