@@ -24,12 +24,12 @@ SMALL = ["grpo.steps=2", "sft.stages.0.steps=20", "rollout.n=4", "grpo.prompts_p
          "rollout.engine=transformers", "cluster.include_dashboard=false", "logging.wandb.mode=disabled"]
 
 
-def launch(output_dir: Path, stages: str, *extra: str) -> list[dict]:
+def launch(output_dir: Path, stages: str, *extra: str, env: dict | None = None) -> list[dict]:
     args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", "mcq_exact", "--output-dir", str(output_dir),
             "--stages", stages]
     for item in [*SMALL, *extra]:
         args += ["--set", item]
-    env = {**os.environ, "LINGSHU_CACHE": str(output_dir.parent / "cache")}
+    env = {**os.environ, "LINGSHU_CACHE": str(output_dir.parent / "cache"), **(env or {})}
     proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:]
     metrics = output_dir / "metrics.jsonl"
@@ -49,3 +49,26 @@ def test_megatron_tp2_matches_torch_engine_at_step_1(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(checkpoint / "model")  # a plain Hugging Face model
+
+
+def hub_cache(root: Path, repo: str, model: Path) -> Path:
+    """A Hugging Face cache holding ``model`` as the hub repository ``repo`` (the layout the hub client writes)."""
+    revision = "0" * 40
+    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    shutil.copytree(model, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(revision)
+    return root
+
+
+def test_hub_id_from_the_cache_offline_in_both_engines(tmp_path: Path) -> None:
+    """``model.path`` as a hub id: the megatron engine reads the same cached snapshot as the torch engine (offline,
+    as from_pretrained does), so step 1 scores the same responses the same way."""
+    from lingshu_rl.models.tiny import build_tiny_model
+
+    cache = hub_cache(tmp_path / "hub", "lingshu-test/tiny-qwen2", build_tiny_model(tmp_path / "built"))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    sets = ["model.path=lingshu-test/tiny-qwen2", "sft.stages=[]", "grpo.steps=1"]
+    torch_rows = launch(tmp_path / "torch", "grpo", *sets, env=env)
+    megatron_rows = launch(tmp_path / "megatron", "grpo", *sets, "train.engine=megatron", env=env)
+    assert megatron_rows[0]["actor/logprob_mean"] == pytest.approx(torch_rows[0]["actor/logprob_mean"], abs=1e-4)

@@ -6,6 +6,9 @@ A causal LM or a Qwen2-VL-family vision-language model (its config has a ``visio
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
@@ -17,6 +20,22 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def local_weights(model_path: str) -> Path:
+    """The directory on this machine holding ``model_path``'s safetensors: the path itself, or for a hub id its
+    snapshot in the Hugging Face cache, fetched as ``from_pretrained`` fetches it (same cache, same errors, e.g.
+    offline with nothing cached)."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from transformers.utils.hub import cached_file
+
+    index = cached_file(model_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index is None:
+        return Path(cached_file(model_path, "model.safetensors") or "").parent
+    for name in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
+        cached_file(model_path, name)
+    return Path(index).parent
 
 
 def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.models.hf import local_weights
 from lingshu_rl.models.probe import capture
 from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
 from lingshu_rl.train.batch import TokenBatch
@@ -134,7 +135,7 @@ class MegatronEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code) \
             if self.rank == 0 else None
         self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device)
-        load_shards(self.model, hf_to_megatron(HFCheckpoint(model_path), self.spec, self.rank))
+        load_shards(self.model, hf_to_megatron(HFCheckpoint(local_weights(model_path)), self.spec, self.rank))
         start, end = self.spec.vocab_range(self.rank)
         padded = torch.arange(start, end, device=self.device) >= self.spec.vocab_size  # [Vp/t]
         self.padded_rows = padded if bool(padded.any()) else None
