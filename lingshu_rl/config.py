@@ -67,7 +67,7 @@ class RolloutConfig:
 class TrainConfig:
     engine: Literal["torch", "megatron"] = "torch"  # megatron: megatron-core tensor parallel (extra [megatron])
     strategy: Literal["none", "fsdp2"] = "none"  # torch engine: none = one device; fsdp2 = sharded data parallel
-    data_parallel_size: int = 1  # fsdp2: ranks (Ray actors, one device each); each update's batch split by tokens
+    data_parallel_size: int = 1  # fsdp2 ranks, or megatron replicas of the TP group; batches dealt by tokens
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for compute)
     offload: bool = False  # fsdp2: parameters, gradients and optimizer state live in CPU memory between uses
     logprob_chunk: int = 1024  # response positions whose logits are formed at once (memory: chunk x vocab)
@@ -368,9 +368,8 @@ def validate(config: RunConfig) -> None:
         (config.train.data_parallel_size >= 1, "train.data_parallel_size must be >= 1"),
         (config.train.strategy == "none" or config.train.engine == "torch",
          "train.strategy=fsdp2 is the torch engine's (megatron shards by train.tensor_parallel_size)"),
-        (config.train.data_parallel_size == 1 or config.train.strategy == "fsdp2",
-         "train.data_parallel_size > 1 needs train.engine=torch with train.strategy=fsdp2 (megatron data "
-         "parallelism is not built yet)"),
+        (config.train.data_parallel_size == 1 or config.train.strategy == "fsdp2" or config.train.engine == "megatron",
+         "train.data_parallel_size > 1 needs train.strategy=fsdp2 (torch engine) or train.engine=megatron"),
         (not config.train.offload or config.train.strategy == "fsdp2", "train.offload needs train.strategy=fsdp2"),
         (config.train.logprob_chunk >= 1, "train.logprob_chunk must be >= 1"),
         (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,

@@ -1,4 +1,5 @@
-"""The launcher end to end with ``train.engine=megatron``, TP=2, against the transformers engine (same seed).
+"""The launcher end to end with ``train.engine=megatron``, TP=2 and DP=2, against the transformers engine (same
+seed).
 
 The SFT warm-up runs once (torch engine) and both runs start GRPO from it, so step 1 samples the same responses;
 with megatron the actor and the reference are each a group of two rank actors. The step-1 ``actor/logprob_mean``
@@ -36,13 +37,16 @@ def launch(output_dir: Path, stages: str, *extra: str, env: dict | None = None) 
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
 
 
-def test_megatron_tp2_matches_torch_engine_at_step_1(tmp_path: Path) -> None:
+def test_megatron_tp2_and_dp2_match_torch_engine_at_step_1(tmp_path: Path) -> None:
     launch(tmp_path / "torch", "sft")
     shutil.copytree(tmp_path / "torch" / "sft", tmp_path / "megatron" / "sft")
     torch_rows = launch(tmp_path / "torch", "grpo")
     megatron_rows = launch(tmp_path / "megatron", "grpo", "train.engine=megatron", "train.tensor_parallel_size=2")
     assert [r["step"] for r in megatron_rows] == [1, 2]
     assert megatron_rows[0]["actor/logprob_mean"] == pytest.approx(torch_rows[0]["actor/logprob_mean"], abs=1e-4)
+    shutil.copytree(tmp_path / "torch" / "sft", tmp_path / "megatron-dp" / "sft")
+    dp_rows = launch(tmp_path / "megatron-dp", "grpo", "train.engine=megatron", "train.data_parallel_size=2")
+    assert dp_rows[0]["actor/logprob_mean"] == pytest.approx(torch_rows[0]["actor/logprob_mean"], abs=1e-4)
     checkpoint = tmp_path / "megatron" / "checkpoints" / "step_000002"
     assert (checkpoint / "megatron" / "optimizer_tp0.pt").is_file()
     assert (checkpoint / "megatron" / "optimizer_tp1.pt").is_file()

@@ -3,10 +3,10 @@
     group = PolicyGroup.start(options, model_path, model_cfg, train_cfg, total_steps, trainable, seed, threads)
     ray.get(group.update.remote(batch, loss))   # each data-parallel rank trains on its share; rank 0's metrics
 
-Ranks are ``data_parallel_size x tensor_parallel_size`` (FSDP2: DP ranks; megatron: TP ranks). :class:`PolicyGroup`
-has the methods of :class:`EngineActor` (``logprobs``, ``update``, ``weights``, ``send_weights``, ``save``, ...),
-each with ``.remote(...)`` returning one ``ObjectRef``, so the controller and the SFT stages drive a group exactly
-as they drive a single worker. The group deals each update's batch to the
+Ranks are ``data_parallel_size x tensor_parallel_size`` (FSDP2: DP ranks; megatron: DP replicas of a TP group).
+:class:`PolicyGroup` has the methods of :class:`EngineActor` (``logprobs``, ``update``, ``weights``,
+``send_weights``, ``save``, ...), each with ``.remote(...)`` returning one ``ObjectRef``, so the controller and the
+SFT stages drive a group exactly as they drive a single worker. The group deals each update's batch to the
 data-parallel ranks by token count (:mod:`lingshu_rl.train.split`) and puts log-probs back in row order. Rank 0
 picks the rendezvous address (its node IP and a free port); the engines initialise the process group.
 """
@@ -33,7 +33,7 @@ from lingshu_rl.train.split import MiniBatch, balanced_shards, blank_row, plan_u
 def group_sizes(train_cfg: TrainConfig) -> tuple[int, int]:
     """``(data_parallel_size, tensor_parallel_size)`` of a policy role; ``(1, 1)`` is a plain worker."""
     tp = train_cfg.tensor_parallel_size if train_cfg.engine == "megatron" else 1
-    dp = train_cfg.data_parallel_size if train_cfg.strategy == "fsdp2" else 1
+    dp = train_cfg.data_parallel_size if train_cfg.strategy == "fsdp2" or train_cfg.engine == "megatron" else 1
     return dp, tp
 
 

@@ -103,7 +103,10 @@ def vocab_parallel_entropy(logits: Tensor) -> Tensor:
 
 
 class MegatronEngine:
-    """This process's rank of a tensor-parallel GPTModel. ``trainable=False`` gives a frozen reference policy."""
+    """This process's rank of a GPTModel split over ``train.tensor_parallel_size`` ranks and replicated over
+    ``train.data_parallel_size`` (ranks ``r`` with the same ``r // tp`` form one tensor-parallel group; each group
+    trains on its share of the batch, the gradients are summed over the replicas before clipping). The global
+    rank 0 writes and sends the Hugging Face weights. ``trainable=False`` gives a frozen reference policy."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int = 1,
                  trainable: bool = True, lr: float | None = None, *, rank: int = 0, master_addr: str = "127.0.0.1",
@@ -121,9 +124,13 @@ class MegatronEngine:
             cpu_compat.apply()
         else:
             torch.cuda.set_device(self.device)
-        init_distributed(rank, tp, master_addr, master_port, tp, self.device)
+        world = tp * (train_cfg.data_parallel_size if train_cfg.engine == "megatron" else 1)
+        init_distributed(rank, world, master_addr, master_port, tp, self.device)
         self.group = parallel_state.get_tensor_model_parallel_group()
-        self.rank = parallel_state.get_tensor_model_parallel_rank()
+        self.rank = parallel_state.get_tensor_model_parallel_rank()  # within the tensor-parallel group
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.writer = torch.distributed.get_rank() == 0  # writes checkpoints, sends weights to the rollout
         if self.device.type == "cpu":
             cpu_compat.seed_rng_tracker(seed, self.rank)
         else:
@@ -133,7 +140,7 @@ class MegatronEngine:
         self.hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         self.spec = GPTSpec.from_hf(self.hf_config, tp)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code) \
-            if self.rank == 0 else None
+            if self.writer else None
         self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device)
         load_shards(self.model, hf_to_megatron(HFCheckpoint(local_weights(model_path)), self.spec, self.rank))
         start, end = self.spec.vocab_range(self.rank)
@@ -222,6 +229,10 @@ class MegatronEngine:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> float:
+        if self.dp_size > 1:  # each replica's gradient of the globally normalised loss: their sum is the update's
+            for param in self.params:
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad, group=self.dp_group)
         return self._clip_grad_norm(max_norm)
 
     def step(self) -> None:
@@ -243,7 +254,12 @@ class MegatronEngine:
             param.grad = None
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        return values  # one tensor-parallel group: every rank holds the same (whole-batch) sums
+        """Over the data-parallel replicas (the ranks of one tensor-parallel group hold the same sums)."""
+        if self.dp_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor, group=self.dp_group)
+        return tensor.tolist()
 
     def _clip_grad_norm(self, max_norm: float) -> float:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: squared norms of the shards summed over the
@@ -291,8 +307,9 @@ class MegatronEngine:
     # --- weights and checkpoints ----------------------------------------------------------------------------
 
     def _hf_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Full HF-named tensors, one megatron parameter at a time, on rank 0; every rank takes part in each gather
-        (and yields nothing on the other ranks). With tied embeddings ``lm_head.weight`` comes too."""
+        """Full HF-named tensors, one megatron parameter at a time, on the writer (global rank 0); every rank takes part
+        in its tensor-parallel group's gathers (and yields nothing). With tied embeddings ``lm_head.weight`` comes
+        too."""
         for name, param in self.model.named_parameters():
             data = param.detach()
             if partition_dim(name) is not None and self.spec.tp_size > 1:
@@ -300,11 +317,11 @@ class MegatronEngine:
                 torch.distributed.all_gather(shards, data.contiguous(), group=self.group)
             else:
                 shards = [data.clone()]  # a snapshot, not the live parameter
-            if self.rank == 0:
+            if self.writer:
                 yield from merge_to_hf(name, shards, self.spec).items()
 
     def weights(self) -> dict[str, Tensor]:
-        """Full HF-named weights on rank 0 (CPU); ``{}`` on the other ranks. Every rank must call it."""
+        """Full HF-named weights on the writer (CPU); ``{}`` on the other ranks. Every rank must call it."""
         return {name: t.cpu() for name, t in self._hf_tensors()}
 
     def weight_manifest(self) -> list[TensorSpec]:
@@ -317,12 +334,12 @@ class MegatronEngine:
         return specs
 
     def join_weight_sync(self, rendezvous: Rendezvous, bucket_bytes: int) -> None:
-        """Rank 0 becomes the source of the weight-sync group (:mod:`lingshu_rl.models.transfer`)."""
-        if self.rank == 0:
+        """The writer becomes the source of the weight-sync group (:mod:`lingshu_rl.models.transfer`)."""
+        if self.writer:
             self.channel = WeightChannel(rendezvous, 0, self.weight_manifest(), bucket_bytes, self.device)
 
     def send_weights(self) -> int:
-        """Gather each parameter across the tensor-parallel ranks; rank 0 broadcasts it in buckets."""
+        """Gather each parameter across the tensor-parallel ranks; the writer broadcasts it in buckets."""
         if self.channel is not None:
             return self.channel.send(self._hf_tensors())
         for _ in self._hf_tensors():
@@ -344,15 +361,16 @@ class MegatronEngine:
         return dict(outputs)
 
     def save(self, directory: Path) -> None:
-        """``directory/model`` (HF safetensors, config, tokenizer; rank 0) and each rank's optimiser state (with
-        its float32 main weights when the model is half precision)."""
+        """``directory/model`` (HF safetensors, config, tokenizer; the writer) and each tensor-parallel rank's
+        optimiser state (with its float32 main weights when the model is half precision), written by the first
+        replica: every replica holds the same."""
         from huggingface_hub import save_torch_state_dict
         from transformers import GenerationConfig
 
         directory = Path(directory)
         weights = self.weights()
-        if self.rank == 0:
-            assert self.tokenizer is not None  # rank 0 loads it
+        if self.writer:
+            assert self.tokenizer is not None  # the writer loads it
             model_dir = directory / "model"
             model_dir.mkdir(parents=True, exist_ok=True)
             if self.spec.tied_embeddings:
@@ -362,12 +380,12 @@ class MegatronEngine:
             self.tokenizer.save_pretrained(model_dir)
             with contextlib.suppress(OSError):  # OSError: the checkpoint has no generation_config.json
                 GenerationConfig.from_pretrained(self.model_path).save_pretrained(model_dir)
-        if self.trainable:
+        if self.trainable and torch.distributed.get_rank(self.dp_group) == 0:
             path = directory / "megatron" / f"optimizer_tp{self.rank}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"tp_size": self.spec.tp_size, "rank": self.rank, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "main": [m.detach().cpu() for m in self.main]}, path)
-        torch.distributed.barrier(group=self.group)  # the checkpoint is complete when any rank returns
+        torch.distributed.barrier()  # the checkpoint is complete when any rank returns
 
     def load_training_state(self, directory: Path) -> None:
         path = Path(directory) / "megatron" / f"optimizer_tp{self.rank}.pt"
