@@ -141,7 +141,8 @@ class MegatronEngine:
         self.spec = GPTSpec.from_hf(self.hf_config, tp)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code) \
             if self.writer else None
-        self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device)
+        self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device,
+                                 recompute=trainable and train_cfg.gradient_checkpointing)
         load_shards(self.model, hf_to_megatron(HFCheckpoint(local_weights(model_path)), self.spec, self.rank))
         start, end = self.spec.vocab_range(self.rank)
         padded = torch.arange(start, end, device=self.device) >= self.spec.vocab_size  # [Vp/t]

@@ -14,7 +14,7 @@ from torch import Tensor
 from lingshu_rl.train.megatron.convert import GPTSpec, partition_dim
 
 
-def transformer_config(spec: GPTSpec, dtype: torch.dtype):
+def transformer_config(spec: GPTSpec, dtype: torch.dtype, recompute: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     half = spec.head_dim // 2
@@ -29,15 +29,19 @@ def transformer_config(spec: GPTSpec, dtype: torch.dtype):
         tensor_model_parallel_size=spec.tp_size, pipeline_model_parallel_size=1,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=False,  # weights come from the checkpoint
-        attention_softmax_in_fp32=True)
+        attention_softmax_in_fp32=True,
+        # activation recompute: keep each layer's input only, recompute the layer in the backward pass
+        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+           if recompute else {}))
 
 
-def build_model(spec: GPTSpec, dtype: torch.dtype, device: torch.device):
-    """The model for this rank (parallel_state must be initialised); parameters uninitialised, on ``device``."""
+def build_model(spec: GPTSpec, dtype: torch.dtype, device: torch.device, recompute: bool = False):
+    """The model for this rank (parallel_state must be initialised); parameters uninitialised, on ``device``;
+    ``recompute``: activation recompute of every layer."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    model = GPTModel(transformer_config(spec, dtype), get_gpt_layer_local_spec(normalization="RMSNorm"),
+    model = GPTModel(transformer_config(spec, dtype, recompute), get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_positions,
                      parallel_output=True, share_embeddings_and_output_weights=spec.tied_embeddings,
                      position_embedding_type="mrope", rotary_base=spec.rope_theta)
