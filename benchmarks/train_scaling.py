@@ -3,6 +3,7 @@ random-init Qwen2 model; and the peak memory of one update with long prompts, fu
 
     python benchmarks/train_scaling.py                  # all rows (a few minutes on 2 cores)
     python benchmarks/train_scaling.py --sizes tiny,50m
+    python benchmarks/train_scaling.py --sizes 200m --release-freed    # RSS without glibc's retained blocks
 
 Every configuration runs in fresh processes (one per rank), so peak RSS is its own. "model MB" is peak RSS minus
 the process's RSS just before the model was loaded (interpreter, torch and transformers excluded). Prints the
@@ -127,7 +128,13 @@ def spawn(fn, nprocs: int, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--release-freed", action="store_true",
+                        help="glibc returns freed blocks of 128 KB and more to the system at once "
+                             "(MALLOC_MMAP_THRESHOLD_=131072 in every rank): RSS then follows live memory")
     args = parser.parse_args()
+    if args.release_freed:  # read by glibc when a process starts: the spawned ranks inherit it
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    print(f"allocator: glibc, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{ROWS} sequences x ({PROMPT} prompt + {RESPONSE} response) tokens, micro-batch 4, GRPO loss, "
               f"AdamW, float32; median of {UPDATES - 1} updates after one warm-up")
