@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import random_models  # benchmarks/random_models.py (scripts run from their folder)
 import torch
 import torch.multiprocessing as mp
 
@@ -33,22 +34,7 @@ ROWS, PROMPT, RESPONSE, UPDATES = 8, 32, 32, 3
 
 
 def build(size: str, root: Path) -> str:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    tiny = build_tiny_model()
-    if SIZES[size] is None:
-        return str(tiny)
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=False,
-                         max_position_embeddings=2048)
-    path = root / size
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
-    return str(path)
+    return random_models.build(size, SIZES[size], root)
 
 
 def batch(prompt: int, response: int, rows: int = ROWS, vocab: int = 400):

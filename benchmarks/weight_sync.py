@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import random_models  # benchmarks/random_models.py (scripts run from their folder)
 import torch
 
 SIZES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab); untied embeddings, as Qwen2.5-7B's
@@ -33,22 +34,7 @@ BUCKET_MB = 256  # rollout.sync_bucket_mb's default
 
 
 def build(size: str, root: Path) -> str:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    tiny = build_tiny_model()
-    if SIZES[size] is None:
-        return str(tiny)
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=False,
-                         max_position_embeddings=2048, torch_dtype="bfloat16")
-    path = root / size
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
-    return str(path)
+    return random_models.build(size, SIZES[size], root, torch.bfloat16)
 
 
 def load() -> float:
@@ -79,7 +65,7 @@ def _biggest_layer_mb(path: str) -> float:
     sizes: dict[str, int] = {}
     for file in Path(path).glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 parts = name.split(".")
                 key = ".".join(parts[:3]) if "layers" in parts else name
                 shape = f.get_slice(name).get_shape()
@@ -148,8 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average at start: {load():.2f} on {os.cpu_count()} CPUs; {REPEATS} syncs per row, medians; "
           f"buckets of {args.bucket_mb} MB; rollout engine: {args.rollout}", flush=True)
-    header = (f"| model | MB (bf16) | method | s / sync | x object store | actor +MB | rollout +MB | canary s "
-              f"| load |")
+    header = ("| model | MB (bf16) | method | s / sync | x object store | actor +MB | rollout +MB | canary s "
+              "| load |")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
         for size in args.sizes.split(","):
