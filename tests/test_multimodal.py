@@ -228,3 +228,44 @@ def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight
         assert [g.response_ids for g in after] != [g.response_ids for g in before]
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_dir: str, demo) -> None:
+    """The GRPO step never decodes or preprocesses an image in the driver: each prompt's images are prepared once
+    in a Ray task, and a training rank fetches exactly its rows' (the same pixels as preparing them in place)."""
+    import os
+
+    import ray
+
+    from lingshu_rl.data.vision import vision_inputs
+    from lingshu_rl.grpo.controller import Prompt, prepare_visions
+    from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.train.group import fetch_images
+
+    driver, processor = os.getpid(), load_image_processor(model_dir)
+
+    class NotInTheDriver:  # the real image processor, refusing to run in the driver's process
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __call__(self, **kwargs):
+            assert os.getpid() != driver, "an image was preprocessed in the driver"
+            return self.inner(**kwargs)
+
+    samples = demo[0][:3]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        refs = prepare_visions([Prompt(s, [], NotInTheDriver(processor)) for s in samples],
+                               Roles(None, [None, None], None, []))
+        assert all(isinstance(r, ray.ObjectRef) for r in refs)
+        batch = collate([[1, 2, 3]] * 3, [[4, 5]] * 3, pad_id=0).with_(vision_refs=refs)
+        rows = batch.select(torch.tensor([2, 0]))  # what a data-parallel rank receives
+        assert rows.pixel_values is None and len(rows.vision_refs) == 2
+        fetched = fetch_images(rows)
+        expected = with_vision(rows.with_(vision_refs=None), [vision_inputs(processor, samples[i]) for i in (2, 0)])
+        assert torch.equal(fetched.pixel_values, expected.pixel_values)
+        assert torch.equal(fetched.image_grid_thw, expected.image_grid_thw)
+        assert fetched.image_counts.tolist() == [1, 1] and fetched.vision_refs is None
+    finally:
+        ray.shutdown()

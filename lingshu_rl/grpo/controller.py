@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lingshu_rl.config import RunConfig
 from lingshu_rl.data.sample import Sample
@@ -36,7 +38,7 @@ from lingshu_rl.rewards.base import RewardFn
 from lingshu_rl.rewards.pool import ScoreItem, Scorer
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.telemetry import PhaseTimer, Progress, Telemetry
-from lingshu_rl.train.batch import collate, response_values, with_vision
+from lingshu_rl.train.batch import collate, response_values
 
 ACCURACY_REWARDS = ("mcq_exact", "answer_norm")
 
@@ -49,26 +51,47 @@ class TrainingStopped(RuntimeError):
 class Prompt:
     sample: Sample
     ids: list[int]  # chat-templated prompt tokens (image pads expanded)
-    image_processor: Any = None  # for a sample with images: its pixels are prepared when the prompt is drawn
+    image_processor: Any = None  # for a sample with images: prepared in a Ray task when the prompt is drawn
 
-    def vision(self) -> VisionInputs | None:
-        """The sample's images, loaded and preprocessed now (not kept: a data set's pixels need not fit memory)."""
-        return vision_inputs(self.image_processor, self.sample) if self.sample.images else None
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _prepare_vision(image_processor: Any, sample: Sample) -> VisionInputs | None:
+    return vision_inputs(image_processor, sample)
+
+
+def _shares(count: int, workers: int) -> list[slice]:
+    """How :func:`generate` splits ``count`` prompts between the rollout workers."""
+    size = -(-count // workers)
+    return [slice(i * size, (i + 1) * size) for i in range(workers)]
+
+
+def prepare_visions(prompts: list[Prompt], roles: Roles) -> list[ray.ObjectRef | None]:
+    """Each prompt's images, decoded and preprocessed once per prompt in a Ray task on the node of the rollout
+    worker that will generate for it; the pixels stay in Ray's object store, where that worker and the training
+    ranks fetch their own rows' (the driver never holds them: a data set's pixels need not fit anywhere)."""
+    nodes = {p.name: p.node_id for p in roles.placed}
+    out: list[ray.ObjectRef | None] = [None] * len(prompts)
+    for i, part in enumerate(_shares(len(prompts), len(roles.rollouts))):
+        node = nodes.get(ROLLOUT.format(i))
+        task = _prepare_vision.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) \
+            if node else _prepare_vision
+        for j in range(len(prompts))[part]:
+            if prompts[j].sample.images:
+                out[j] = task.remote(prompts[j].image_processor, prompts[j].sample)
+    return out
 
 
 def generate(roles: Roles, prompts: list[list[int]], params: SamplingParams,
-             visions: list[VisionInputs | None]) -> list[Generation]:
+             visions: list[ray.ObjectRef | None]) -> list[Generation]:
     """Split the prompts (and their images) across the rollout workers (data parallel); results stay grouped
     by prompt."""
-    k = len(roles.rollouts)
-    size = -(-len(prompts) // k)
-    parts = [slice(i * size, (i + 1) * size) for i in range(k)]
+    parts = _shares(len(prompts), len(roles.rollouts))
     refs = [(i, w.generate.remote(prompts[part], params, _images(visions[part])))
             for i, (w, part) in enumerate(zip(roles.rollouts, parts)) if prompts[part]]
     return [g for i, ref in refs for g in _get(ref, ROLLOUT.format(i))]
 
 
-def _images(visions: list[VisionInputs | None]) -> list[VisionInputs | None] | None:
+def _images(visions: list[ray.ObjectRef | None]) -> list[ray.ObjectRef | None] | None:
     return visions if any(v is not None for v in visions) else None
 
 
@@ -90,7 +113,7 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: Scorer, cfg:
                             top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                             stop=cfg.rollout.stop, seed=cfg.seed * 1_000_003 + step)
     with timer.phase("gen"):
-        visions = [p.vision() for p in prompts]
+        visions = prepare_visions(prompts, roles)
         gens = generate(roles, [p.ids for p in prompts], params, visions)  # [B*n], grouped by prompt
     with timer.phase("score"):
         owners = [p for p in prompts for _ in range(n)]
@@ -106,7 +129,9 @@ def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: Scorer, cfg:
     metrics["grpo/kept_groups"] = float(keep.sum())
     if rows:
         batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
-        batch = with_vision(batch, [visions[i // n] for i in rows]).with_(advantages=advantages.flatten()[rows])
+        batch = batch.with_(advantages=advantages.flatten()[rows])
+        if any(v is not None for v in visions):  # each training rank fetches its own rows' images
+            batch = batch.with_(vision_refs=[visions[i // n] for i in rows])
         if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
             truncated = torch.tensor([gens[i].finish_reason == "length" for i in rows])
             batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))

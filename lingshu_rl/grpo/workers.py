@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 import torch
 from torch import Tensor
 
@@ -70,8 +71,14 @@ class RolloutWorker:
         self.channel: WeightChannel | None = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 images: list[VisionInputs | None] | None = None) -> list[Generation]:
-        return self.engine.generate(prompts, params, images)
+                 images: list[VisionInputs | ray.ObjectRef | None] | None = None) -> list[Generation]:
+        """``images[i]``: prompt i's images, or where they wait in Ray's object store (fetched here)."""
+        resolved: list[VisionInputs | None] | None = None
+        if images is not None:
+            refs = [v for v in images if isinstance(v, ray.ObjectRef)]
+            fetched = dict(zip(refs, ray.get(refs)))
+            resolved = [fetched[v] if isinstance(v, ray.ObjectRef) else v for v in images]
+        return self.engine.generate(prompts, params, resolved)
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         self.engine.load_weights(weights)

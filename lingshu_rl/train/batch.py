@@ -35,17 +35,22 @@ class TokenBatch:
     pixel_values: Tensor | None = None  # [patches, dim]
     image_grid_thw: Tensor | None = None  # [images, 3]
     image_counts: Tensor | None = None  # [N] long
+    # or, before they reach a training rank: each row's images still in Ray's object store (an ObjectRef of its
+    # VisionInputs, or None), fetched by the rank itself (lingshu_rl.train.group); the driver never holds pixels
+    vision_refs: list[Any] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: slice | Tensor) -> TokenBatch:
         """Rows ``index`` of every tensor, trimmed to the longest remaining sequence (images follow their rows)."""
-        picked: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _VISION}
+        skip = (*_VISION, "vision_refs")
+        picked: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         picked = {k: (v[index] if v is not None else None) for k, v in picked.items()}
         length = int(picked["attention_mask"].sum(dim=1).max().item()) if len(picked["input_ids"]) else 0
         trimmed = {k: (v[:, :length] if v is not None and v.dim() == 2 else v) for k, v in picked.items()}
-        return TokenBatch(**trimmed, **self._select_images(index))
+        refs = None if self.vision_refs is None else [self.vision_refs[i] for i in torch.arange(len(self))[index]]
+        return TokenBatch(**trimmed, **self._select_images(index), vision_refs=refs)
 
     def _select_images(self, index: slice | Tensor) -> dict[str, Tensor]:
         if self.image_counts is None:
@@ -63,7 +68,7 @@ class TokenBatch:
     def chunks(self, size: int) -> list[TokenBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
-    def with_(self, **changes: Tensor | None) -> TokenBatch:
+    def with_(self, **changes: Tensor | list[Any] | None) -> TokenBatch:
         return replace(self, **cast(dict[str, Any], changes))  # None only ever goes to the optional fields
 
 

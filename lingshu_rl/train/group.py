@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
 from lingshu_rl.models.transfer import Rendezvous, TensorSpec
-from lingshu_rl.train.batch import TokenBatch
+from lingshu_rl.train.batch import TokenBatch, with_vision
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, balanced_shards, blank_row, plan_updates
 
@@ -42,6 +43,22 @@ def is_group(train_cfg: TrainConfig) -> bool:
     return train_cfg.strategy == "fsdp2" or group_sizes(train_cfg) != (1, 1)
 
 
+def fetch_images(batch: TokenBatch) -> TokenBatch:
+    """``batch`` with the images its rows refer to (``vision_refs``) fetched from Ray's object store and attached:
+    this rank fetches only its own rows' images."""
+    if batch.vision_refs is None:
+        return batch
+    refs = batch.vision_refs
+    fetched = iter(ray.get([r for r in refs if r is not None]))
+    return with_vision(batch.with_(vision_refs=None), [None if r is None else next(fetched) for r in refs])
+
+
+def _fetch_work(work: TokenBatch | list[MiniBatch]) -> TokenBatch | list[MiniBatch]:
+    if isinstance(work, TokenBatch):
+        return fetch_images(work)
+    return [replace(mini, batch=fetch_images(mini.batch)) for mini in work]
+
+
 class EngineActor:
     """What a policy actor answers, forwarded to its training engine (``self.engine``): the methods the controller
     and the SFT stages call on a policy worker, a rank, or (through :class:`PolicyGroup`) a group."""
@@ -49,10 +66,10 @@ class EngineActor:
     engine: Any
 
     def logprobs(self, batch: TokenBatch, temperature: float, micro_batches: int = 0) -> Tensor:
-        return self.engine.logprobs(batch, temperature, micro_batches)
+        return self.engine.logprobs(fetch_images(batch), temperature, micro_batches)
 
     def update(self, work: TokenBatch | list[MiniBatch], loss: Loss) -> dict[str, float]:
-        return self.engine.update(work, loss)
+        return self.engine.update(_fetch_work(work), loss)
 
     def weights(self) -> dict[str, Tensor]:
         return self.engine.weights()
