@@ -32,3 +32,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     terminalreporter.write_line("tested against: " + ", ".join(versions))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Keep a crash while the interpreter exits readable: pytest's own fault handler is gone by then, this one
+    prints the Python stack of every thread (e.g. a C++ destructor run by a late garbage collection)."""
+    import faulthandler
+    import sys
+
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)

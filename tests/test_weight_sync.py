@@ -46,11 +46,14 @@ def test_buckets_keep_order_and_size_and_align_every_tensor() -> None:
 
 def _member(rank: int, port: int, results: multiprocessing.Queue) -> None:
     channel = WeightChannel(Rendezvous("127.0.0.1", port, 3, 60), rank, MANIFEST, 1024, torch.device("cpu"))
-    if rank == 0:
-        results.put((rank, channel.send(iter(TENSORS.items()))))
-        return
-    got = [(name, tensor.clone()) for name, tensor in channel.receive()]
-    results.put((rank, [(n, t.dtype, bool(torch.equal(t, TENSORS[n]))) for n, t in got]))
+    try:
+        if rank == 0:
+            results.put((rank, channel.send(iter(TENSORS.items()))))
+            return
+        got = [(name, tensor.clone()) for name, tensor in channel.receive()]
+        results.put((rank, [(n, t.dtype, bool(torch.equal(t, TENSORS[n]))) for n, t in got]))
+    finally:
+        channel.close()
 
 
 def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
@@ -63,6 +66,8 @@ def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
     out = dict(results.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    results.close()
+    results.join_thread()
     assert out[0] >= sum(t.nbytes for t in TENSORS.values())
     for rank in (1, 2):
         assert out[rank] == [(n, t.dtype, True) for n, t in TENSORS.items()]
@@ -70,11 +75,14 @@ def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
 
 def test_a_trainer_that_sends_something_else_is_named() -> None:
     channel = WeightChannel(Rendezvous("127.0.0.1", free_port(), 1, 30), 0, MANIFEST, 1024, torch.device("cpu"))
-    swapped = [("a.weight", TENSORS["a.weight"]), ("b.bias", torch.zeros(6))]
-    with pytest.raises(SyncError, match=r"expected b.bias \(5,\), the trainer gave b.bias \(6,\)"):
-        channel.send(swapped)
-    with pytest.raises(SyncError, match="the trainer gave nothing"):
-        channel.send(list(TENSORS.items())[:2])
+    try:
+        swapped = [("a.weight", TENSORS["a.weight"]), ("b.bias", torch.zeros(6))]
+        with pytest.raises(SyncError, match=r"expected b.bias \(5,\), the trainer gave b.bias \(6,\)"):
+            channel.send(swapped)
+        with pytest.raises(SyncError, match="the trainer gave nothing"):
+            channel.send(list(TENSORS.items())[:2])
+    finally:
+        channel.close()
 
 
 def test_probed_modules_are_the_units_every_engine_keeps_together() -> None:

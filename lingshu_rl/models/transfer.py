@@ -94,6 +94,12 @@ class WeightChannel:
             self.group = dist.ProcessGroupGloo(prefixed, rank, rendezvous.world_size, timeout)
         self.buckets = plan_buckets(manifest, bucket_bytes)
 
+    def close(self) -> None:
+        """Release the group, then its store, now (left to the garbage collector, a reference cycle could destroy
+        them while the interpreter exits, in any order)."""
+        self.group = None
+        self.store = None  # type: ignore[assignment]
+
     def _broadcast(self, buffer: Tensor) -> None:
         options = dist.BroadcastOptions()
         options.rootRank = 0
