@@ -83,7 +83,8 @@ class WeightSync:
 
     def __init__(self, roles: Roles, cfg: RunConfig, model_path: str):
         self.roles, self.method = roles, cfg.rollout.weight_sync
-        self.canary, self.pad_id = make_canary(model_path, cfg.model.trust_remote_code)
+        self.canary, pad_id = make_canary(model_path, cfg.model.trust_remote_code)
+        self.canary_batch = self.canary.batch(pad_id)  # the actor's view of it, built once
         tolerance = cfg.rollout.canary_tolerance
         self.tolerance = tolerance if tolerance is not None else TOLERANCE[cfg.model.dtype]
         self.probe_every_sync = cfg.rollout.sync_module_check
@@ -98,8 +99,7 @@ class WeightSync:
         refs = [(actor.join_weight_sync.remote(rendezvous, bucket_bytes), ACTOR)]
         refs += [(w.join_weight_sync.remote(rendezvous, 1 + i, manifest, bucket_bytes), ROLLOUT.format(i))
                  for i, w in enumerate(rollouts)]
-        for ref, role in refs:  # the store's rendezvous waits for every member
-            get_or_die(ref, role)
+        _wait_all(refs)  # the store's rendezvous waits for every member: a failed one must stop it at once
         mb = sum(s.nbytes for s in manifest) / 2**20
         print(f"[lingshu] weight sync: collective, {len(manifest)} tensors ({mb:,.1f} MB) in buckets of "
               f"{bucket_bytes / 2**20:g} MB to {len(rollouts)} rollout worker(s)", flush=True)
@@ -123,7 +123,7 @@ class WeightSync:
     def check(self) -> dict[str, float]:
         """Score the canary on the actor and on every rollout worker; stop the run if they disagree."""
         c = self.canary
-        batch = self.canary.batch(self.pad_id)
+        batch = self.canary_batch
         trainer = get_or_die(self.roles.actor.logprobs.remote(batch, 1.0), ACTOR)[0]
         trainer = trainer[batch.response_mask[0].bool()]  # [R]
         refs = [(w.score.remote(c.prompt, c.response, c.vision), ROLLOUT.format(i))
@@ -138,7 +138,7 @@ class WeightSync:
         """Compare each module's output on the canary (actor vs rollout worker ``index``); raise naming the first
         that differs, or, when the canary missed, say that none does."""
         role, c = ROLLOUT.format(index), self.canary
-        trainer = get_or_die(self.roles.actor.probe.remote(c.batch(self.pad_id)), ACTOR)
+        trainer = get_or_die(self.roles.actor.probe.remote(self.canary_batch), ACTOR)
         rollout = get_or_die(self.roles.rollouts[index].probe.remote(c.prompt, c.response, c.vision, list(trainer)),
                              role)
         where = first_difference(trainer, rollout, self.tolerance)
