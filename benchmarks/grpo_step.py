@@ -5,17 +5,18 @@
 
 One run, same machine, tiny default model, same data and settings for every row: 8 prompts x 8 samples per
 step, up to 32 new tokens, temperature 1.0, one optimiser update per step (lr 1e-6, all 64 sequences in one
-forward/backward), KL coefficient 0.04 (so a reference model runs), reward ``mcq_exact``; the same 48 demo
-prompts in the same order; 1 warm-up step, then the median of 5 measured steps.
+forward/backward), KL coefficient 0.04 (so a reference model runs), reward ``mcq_exact``; the same 88 demo
+prompts in the same order; 3 warm-up steps, then the median of 8 measured steps.
 
 Each row runs in a fresh process at niceness 15, the niceness Ray gives its worker processes (where
 lingshu_rl's work runs), so that on a shared machine every row competes equally with the other load.
-Peak memory: the peak of the summed resident set of that process and all its descendants (for lingshu_rl:
-Ray's own processes, the actor/reference/rollout workers and the reward workers), sampled every 0.2 s;
-shared pages count once per process, so multi-process rows are overstated.
+Peak memory: the peak of the summed proportional set size (PSS: each shared page counted once, split between
+the processes sharing it) of that process and all its descendants (for lingshu_rl: Ray's own processes, the
+actor/reference/rollout workers and the reward workers), sampled every 0.2 s, with each process's share at
+that peak; peak RSS (shared pages once per process) beside it.
 The floors: raw vLLM generating the same 64 responses (the same engine settings, no training, no Ray), and one
-forward+backward of the actor model on 64 such sequences. The machine's load average is printed with the table:
-on a shared machine compare rows of one run, not runs.
+forward+backward of the actor model on 64 such sequences. Each row prints the machine's load average when it
+started and ended and how many cores other processes used while it ran; a row that ran loaded is flagged.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 PROMPTS, N, MAX_NEW, TEMPERATURE, KL, LR = 8, 8, 32, 1.0, 0.04, 1e-6
-WARMUP, MEASURED = 1, 5
+WARMUP, MEASURED = 3, 8  # Ray's own start-up work (workers, agents) goes on for some seconds after ray.init
 RAY_WORKER_NICENESS = 15  # Ray runs its workers at this niceness; every row runs at it (see the module docstring)
 STEPS = WARMUP + MEASURED
 OVERRIDES = [f"rollout.n={N}", f"rollout.temperature={TEMPERATURE}", f"rollout.max_new_tokens={MAX_NEW}",
@@ -45,13 +46,19 @@ OVERRIDES = [f"rollout.n={N}", f"rollout.temperature={TEMPERATURE}", f"rollout.m
 
 # ---- measurement helpers ---------------------------------------------------------------------------------------
 
-class PeakMemory:
-    """Peak of the summed RSS of this process and its descendants, sampled in a thread."""
+class ProcessTreeMonitor:
+    """Samples, in a thread, this process and its descendants: the peak of their summed proportional set size
+    (PSS: a shared page counts once in all, split between its sharers) and each process's share at that peak,
+    the peak of their summed RSS (shared pages once per process), and the CPU time they used, to tell how
+    much of the machine other processes took while the row ran (``other_cores``) and, on a virtual machine, its
+    host (``steal_cores``)."""
 
     def __init__(self, every_s: float = 0.2):
         import psutil
 
-        self._root, self._every, self.peak = psutil.Process(), every_s, 0
+        self._root, self._every = psutil.Process(), every_s
+        self.peak, self.peak_rss, self.at_peak = 0, 0, {}
+        self._cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (processes that exit keep their last)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,22 +66,51 @@ class PeakMemory:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            total, rss, parts = 0, 0, {}
             for proc in [self._root, *self._root.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    with proc.oneshot():
+                        memory, times, name = proc.memory_full_info(), proc.cpu_times(), _process_name(proc)
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                total, rss = total + memory.pss, rss + memory.rss
+                parts[f"{name} ({proc.pid})"] = memory.pss
+                self._cpu[proc.pid] = times.user + times.system
+            if total > self.peak:
+                self.peak, self.at_peak = total, parts
+            self.peak_rss = max(self.peak_rss, rss)
             self._stop.wait(self._every)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> ProcessTreeMonitor:
+        import psutil
+
+        times = psutil.cpu_times()
+        self._start, self._busy, self._steal = time.perf_counter(), _busy_seconds(times), times.steal
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import psutil
+
         self._stop.set()
         self._thread.join()
+        wall = time.perf_counter() - self._start
+        times = psutil.cpu_times()
+        busy = _busy_seconds(times) - self._busy
+        self.other_cores = max(0.0, busy - sum(self._cpu.values())) / wall
+        self.steal_cores = (times.steal - self._steal) / wall  # a virtual machine's CPUs taken by its host
+
+
+def _busy_seconds(times: Any) -> float:
+    # guest time is already in user time; steal time is the hypervisor's, not this machine's work
+    return sum(times) - times.idle - sum(getattr(times, k, 0.0) for k in ("iowait", "steal", "guest", "guest_nice"))
+
+
+def _process_name(proc: Any) -> str:
+    """Ray names its worker processes ``ray::Class.method`` (or ``ray::IDLE``); others by their program."""
+    cmdline = proc.cmdline()
+    title = cmdline[0] if cmdline else proc.name()
+    return title.split(" ")[0] if title.startswith("ray::") else Path(title).name
 
 
 def tiny_model() -> tuple[str, Any]:
@@ -87,17 +123,19 @@ def tiny_model() -> tuple[str, Any]:
 
 
 def step_samples() -> list[list[Any]]:
-    """The 48 demo prompts of the run, 8 per step, the same for every row."""
+    """The 88 demo prompts of the run, 8 per step, the same for every row."""
     from lingshu_rl.data.demo import make_demo_dataset
 
     samples = make_demo_dataset(seed=0)[0][:PROMPTS * STEPS]
     return [samples[i:i + PROMPTS] for i in range(0, len(samples), PROMPTS)]
 
 
-def result(step_s: list[float], memory: PeakMemory, **extra: Any) -> dict[str, Any]:
+def result(step_s: list[float], memory: ProcessTreeMonitor, **extra: Any) -> dict[str, Any]:
     assert len(step_s) == STEPS, step_s
     return {"step_s": step_s, "median_s": statistics.median(step_s[WARMUP:]), "min_s": min(step_s[WARMUP:]),
-            "peak_rss_mb": memory.peak / 2**20, **extra}
+            "peak_pss_mb": memory.peak / 2**20, "peak_rss_mb": memory.peak_rss / 2**20,
+            "at_peak_mb": {k: v / 2**20 for k, v in sorted(memory.at_peak.items(), key=lambda kv: -kv[1])},
+            "other_cores": memory.other_cores, "steal_cores": memory.steal_cores, **extra}
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------
@@ -116,7 +154,7 @@ def row_lingshu(engine: str, workdir: Path) -> dict[str, Any]:
     from lingshu_rl.rewards.combine import build_reward, specs_from_config
     from lingshu_rl.telemetry import PhaseTimer
 
-    with PeakMemory() as memory:
+    with ProcessTreeMonitor() as memory:
         cfg = load_config(None, [f"rollout.engine={engine}", *OVERRIDES])
         path, tokenizer = tiny_model()
         steps = [[Prompt(s, encode_prompt(tokenizer, s)) for s in batch] for batch in step_samples()]
@@ -164,7 +202,7 @@ def row_trl(use_vllm: bool, workdir: Path) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
 
-    with PeakMemory() as memory:
+    with ProcessTreeMonitor() as memory:
         path, tokenizer = tiny_model()
         samples = [s for batch in step_samples() for s in batch]
         by_id = {s.id: s for s in samples}
@@ -199,7 +237,7 @@ def row_floor_gen(workdir: Path) -> dict[str, Any]:
     from lingshu_rl.data.chat import encode_prompt
     from lingshu_rl.rollout.vllm_engine import VLLMRollout
 
-    with PeakMemory() as memory:
+    with ProcessTreeMonitor() as memory:
         path, tokenizer = tiny_model()
         engine = VLLMRollout(path, tokenizer)
         params = vllm.SamplingParams(n=N, temperature=TEMPERATURE, max_tokens=MAX_NEW, stop_token_ids=engine.eos_ids)
@@ -223,7 +261,7 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
     from lingshu_rl.train.batch import collate
     from lingshu_rl.train.logprob import token_logprobs
 
-    with PeakMemory() as memory:
+    with ProcessTreeMonitor() as memory:
         path, tokenizer = tiny_model()
         sequences = json.loads((workdir / "sequences.json").read_text())
         batch = collate([p for p, _ in sequences], [r for _, r in sequences], tokenizer.pad_token_id)
@@ -244,17 +282,16 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
 
 
 # name: (label, row, extra environment). Ray starts worker processes with OMP_NUM_THREADS=1 and lingshu_rl then
-# sets torch's threads per role; the floors run with OMP_NUM_THREADS=1 (one torch thread: the fastest setting
-# on a busy 2-core machine, where 2 threads spin against other processes), and "trl-1t" shows TRL with it too,
-# since on a shared machine the thread setting can matter more than the framework.
+# sets torch's threads per role (colocated roles take turns, each with every core); the floors run at torch's
+# default threads (every core), and "trl-1t" shows TRL with one thread per process.
 ROWS: dict[str, tuple[str, Callable[[Path], dict[str, Any]], dict[str, str]]] = {
     "lingshu-transformers": ("lingshu_rl + transformers rollout", lambda w: row_lingshu("transformers", w), {}),
     "lingshu-vllm": ("lingshu_rl + vLLM rollout", lambda w: row_lingshu("vllm", w), {}),
     "trl": ("TRL GRPOTrainer (CPU, transformers generate)", lambda w: row_trl(False, w), {}),
     "trl-1t": ("TRL GRPOTrainer (CPU), OMP_NUM_THREADS=1", lambda w: row_trl(False, w), {"OMP_NUM_THREADS": "1"}),
     "trl-vllm": ("TRL GRPOTrainer + vLLM colocate (CPU)", lambda w: row_trl(True, w), {}),
-    "floor-gen": ("floor: vLLM alone, 64 responses", row_floor_gen, {"OMP_NUM_THREADS": "1"}),
-    "floor-train": ("floor: actor forward+backward, 64 seqs", row_floor_train, {"OMP_NUM_THREADS": "1"}),
+    "floor-gen": ("floor: vLLM alone, 64 responses", row_floor_gen, {}),
+    "floor-train": ("floor: actor forward+backward, 64 seqs", row_floor_train, {}),
 }
 
 
@@ -279,29 +316,56 @@ def run_row(name: str, workdir: Path, timeout_s: float) -> dict[str, Any]:
     return {"error": f"exit {code}: " + " | ".join(tail)[-600:], "load": (load, os.getloadavg()[0])}
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's rounds as one: medians over every round's measured steps, the worst peak and load."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return runs[0]
+    measured = [s for r in done for s in r["step_s"][WARMUP:]]
+    return {**done[0], "median_s": statistics.median(measured), "min_s": min(measured),
+            "peak_pss_mb": max(r["peak_pss_mb"] for r in done), "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
+            "at_peak_mb": max(done, key=lambda r: r["peak_pss_mb"])["at_peak_mb"],
+            "other_cores": max(r["other_cores"] for r in done), "steal_cores": max(r["steal_cores"] for r in done),
+            "load": (runs[0]["load"][0], runs[-1]["load"][1]), "rounds": len(done),
+            "phases": [p for r in done for p in r.get("phases", [])[WARMUP:]] if "phases" in done[0] else None}
+
+
+LOADED_CORES = 0.2  # other processes using more than this many cores while a row ran: the row ran loaded
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    trl = results.get("trl", {}).get("median_s")
+    trl_rows = {n: r["median_s"] for n, r in results.items() if n.startswith("trl") and "median_s" in r}
+    best_trl = min(trl_rows.values()) if trl_rows else None
     print(f"\nGRPO step: {PROMPTS} prompts x {N} samples, <= {MAX_NEW} new tokens, T={TEMPERATURE}, KL {KL}, "
-          f"1 update/step; median of {MEASURED} steps after {WARMUP} warm-up; {os.cpu_count()} CPU cores\n")
-    print(f"| {'row':<46} | {'median s/step':>13} | {'min s/step':>10} | {'peak RSS MB':>11} | {'x TRL':>6} "
-          f"| {'load avg':>9} |")
-    print(f"|{'-' * 48}|{'-' * 14}:|{'-' * 11}:|{'-' * 12}:|{'-' * 7}:|{'-' * 10}:|")
+          f"1 update/step; per round {WARMUP} warm-up steps, then {MEASURED} measured; medians over the rounds; "
+          f"{os.cpu_count()} CPU cores\n")
+    print(f"| {'row':<46} | {'median s/step':>13} | {'min s/step':>10} | {'peak PSS MB':>11} | {'peak RSS MB':>11} "
+          f"| {'x best TRL':>10} | {'load avg':>9} | {'other cores':>11} | {'steal cores':>11} |")
+    print(f"|{'-' * 48}|{'-' * 14}:|{'-' * 11}:|{'-' * 12}:|{'-' * 12}:|{'-' * 11}:|{'-' * 10}:|{'-' * 12}:"
+          f"|{'-' * 12}:|")
     for name, r in results.items():
         label = ROWS[name][0]
         load = "{:.1f}-{:.1f}".format(*r["load"])
         if "error" in r:
-            print(f"| {label:<46} | {'did not run':>13} | {'':>10} | {'':>11} | {'':>6} | {load:>9} |")
+            print(f"| {label:<46} | {'did not run':>13} | {'':>10} | {'':>11} | {'':>11} | {'':>10} | {load:>9} "
+                  f"| {'':>11} | {'':>11} |")
             continue
-        ratio = f"{r['median_s'] / trl:.2f}" if trl else "n/a"
-        print(f"| {label:<46} | {r['median_s']:>13.3f} | {r['min_s']:>10.3f} | {r['peak_rss_mb']:>11,.0f} "
-              f"| {ratio:>6} | {load:>9} |")
+        ratio = f"{r['median_s'] / best_trl:.2f}" if best_trl else "n/a"
+        print(f"| {label:<46} | {r['median_s']:>13.3f} | {r['min_s']:>10.3f} | {r['peak_pss_mb']:>11,.0f} "
+              f"| {r['peak_rss_mb']:>11,.0f} | {ratio:>10} | {load:>9} | {r['other_cores']:>11.2f} "
+              f"| {r['steal_cores']:>11.2f} |")
+    loaded = [n for n, r in results.items() if r.get("other_cores", 0.0) + r.get("steal_cores", 0.0) > LOADED_CORES]
+    if loaded:
+        print(f"\nWARNING: ran loaded (other processes or the host took more than {LOADED_CORES} cores meanwhile): "
+              + ", ".join(f"{n} ({results[n]['other_cores'] + results[n]['steal_cores']:.2f})" for n in loaded)
+              + ". Compare with care.")
     for name, r in results.items():
         if "error" in r:
             print(f"\n{ROWS[name][0]} did not run: {r['error']}")
     for name, r in results.items():
-        if "phases" not in r:
+        if not r.get("phases"):
             continue
-        measured = r["phases"][WARMUP:]
+        measured = r["phases"]
         keys = [k for k in measured[0] if k.startswith("timing/") and k != "timing/step_s"]
         for p in measured:  # driver time outside the phases (batching, metrics, Ray calls not waited on)
             p["timing/other_s"] = p["timing/step_s"] - sum(p.get(k, 0.0) for k in keys)
@@ -314,20 +378,18 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             print(f"  rollout vs training log-prob mean |diff|: {statistics.median(diff):.2e}")
         floor = results.get("floor-gen", {}).get("median_s")
         if name == "lingshu-vllm" and floor:
-            best = min(p["timing/gen_s"] for p in measured) / results["floor-gen"]["min_s"]
-            print(f"  generation phase / vLLM-alone floor: {parts['gen'] / floor:.2f}x by medians, {best:.2f}x by "
-                  "minima (goal <= 1.3x)")
-        if name == "lingshu-vllm" and trl:
-            print(f"  step / TRL step: {r['median_s'] / trl:.2f}x (goal <= 0.5x)")
-        one_thread = results.get("trl-1t", {}).get("median_s")
-        if name == "lingshu-vllm" and one_thread:
-            print(f"  step / TRL step with OMP_NUM_THREADS=1: {r['median_s'] / one_thread:.2f}x")
+            print(f"  generation phase / vLLM-alone floor: {parts['gen'] / floor:.2f}x by medians")
+        if best_trl:
+            print(f"  step / TRL's best row: {r['median_s'] / best_trl:.2f}x")
+        print("  peak PSS by process (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in r["at_peak_mb"].items()
+                                                          if v >= 20))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--timeout-s", type=float, default=1200, help="per row")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every row, interleaved; medians over all")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -343,15 +405,16 @@ def main() -> int:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if "floor-train" in names and "floor-gen" not in names:
         names.insert(names.index("floor-train"), "floor-gen")  # the training floor uses its sequences
-    results = {}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
-        for name in names:
-            print(f"[bench] {name} ...", flush=True)
-            results[name] = run_row(name, Path(tmp), args.timeout_s)
-            r = results[name]
-            steps = r["error"] if "error" in r else f"steps {[round(s, 2) for s in r['step_s']]}"
-            print(f"[bench] {name}: {steps}", flush=True)
-    print_table(results)
+        for round_ in range(1, args.rounds + 1):  # rows interleaved: a slow spell of the machine hits them all
+            for name in names:
+                print(f"[bench] round {round_}: {name} ...", flush=True)
+                r = run_row(name, Path(tmp), args.timeout_s)
+                runs[name].append(r)
+                steps = r["error"] if "error" in r else f"steps {[round(s, 2) for s in r['step_s']]}"
+                print(f"[bench] round {round_}: {name}: {steps}", flush=True)
+    print_table({name: merge_rounds(rows) for name, rows in runs.items()})
     return 0
 
 

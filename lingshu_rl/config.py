@@ -53,10 +53,12 @@ class RolloutConfig:
     enable_sleep_mode: bool = False  # vLLM on one GPU shared with the actor: free its memory during the update
     tis_cap: float = 0.0  # truncated importance sampling: weight tokens by min(exp(train - rollout logp), cap); 0 off
     # new weights after each update: "collective" (a process group of the actor's rank 0 and the rollout workers,
-    # bucket by bucket) or "object_store" (the whole state dict through Ray's object store); see grpo/sync.py
-    weight_sync: Literal["collective", "object_store"] = "collective"
-    sync_bucket_mb: int = 256  # collective: bytes per broadcast
-    sync_timeout_s: float = 600.0  # collective: a member that does not take part by then fails the sync
+    # bucket by bucket), "ipc" (the same buckets through one buffer the actor's rank 0 shares with rollout workers
+    # on its node: shared memory on CPU, CUDA IPC on its GPU) or "object_store" (the whole state dict through Ray's
+    # object store); see grpo/sync.py
+    weight_sync: Literal["collective", "ipc", "object_store"] = "collective"
+    sync_bucket_mb: int = 256  # collective/ipc: bytes per bucket (ipc: the shared buffer holds the largest)
+    sync_timeout_s: float = 600.0  # collective/ipc: a member that does not take part by then fails the sync
     # the canary after each sync: mean |log-prob difference| allowed between actor and rollout (None: by dtype,
     # 1e-3 for float32, 5e-2 for bfloat16/float16); above it the run stops naming the first module that differs
     canary_tolerance: float | None = None
@@ -70,6 +72,7 @@ class TrainConfig:
     data_parallel_size: int = 1  # fsdp2 ranks, or megatron replicas of the TP group; batches dealt by tokens
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for compute)
     offload: bool = False  # fsdp2: parameters, gradients and optimizer state live in CPU memory between uses
+    share_prompts: bool = True  # GRPO rows sharing a prompt run it once per micro-batch (torch engine)
     logprob_chunk: int = 1024  # response positions whose logits are formed at once (memory: chunk x vocab)
     tensor_parallel_size: int = 1  # megatron engine: ranks (Ray actors, one GPU each) sharing the model
     pipeline_parallel_size: int = 1  # megatron engine: only 1 is supported for now

@@ -4,7 +4,9 @@
 
 1. The torch engine on CUDA in bf16 compute over float32 master weights: an update of lr 1e-6 moves the masters.
 2. FSDP2 over NCCL (one rank: the process group, sharding, mixed precision, the sharded checkpoint round trip).
-3. The launcher end to end on the GPU (SFT warm-up, 3 GRPO steps, evaluation) with the transformers rollout.
+3. The launcher end to end on the GPU (SFT warm-up, 3 GRPO steps, evaluation) with the transformers rollout on the
+   actor's GPU, its weights synced through CUDA IPC (``rollout.weight_sync=ipc``: an NCCL group cannot hold two
+   ranks on one device) and checked by the canary after every sync.
 Each prints PASS or raises. Not covered (needs 2+ GPUs or a vLLM CUDA build): DP=2 over NCCL, vLLM on GPU.
 """
 
@@ -64,13 +66,14 @@ def fsdp_nccl(path: str, root: Path) -> None:
 
 
 def launcher(root: Path) -> None:
-    sets = ["train.device=cuda", "model.dtype=bfloat16", "rollout.engine=transformers", "grpo.steps=3",
+    sets = ["train.device=cuda", "model.dtype=bfloat16", "rollout.engine=transformers", "rollout.weight_sync=ipc",
+            "grpo.steps=3",
             "sft.stages.0.steps=20", "eval.limit=20", "cluster.actor_gpus=1", "logging.wandb.mode=disabled"]
     args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", "mcq_exact", "--output-dir", str(root / "run")]
     for item in sets:
         args += ["--set", item]
     subprocess.run(args, check=True, env={**os.environ, "LINGSHU_CACHE": str(root / "cache")})
-    print("PASS the launcher end to end on the GPU")
+    print("PASS the launcher end to end on the GPU, weights to the rollout through CUDA IPC")
 
 
 def main() -> None:

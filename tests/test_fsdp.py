@@ -109,6 +109,38 @@ def test_dp2_grpo_updates_equal_one_process(cluster, tiny: str) -> None:
     group.kill()
 
 
+def test_dp2_shared_prompts_equal_one_process_without_sharing(cluster, tiny: str) -> None:
+    """Ranks that run each prompt once (every layer twice per forward: prompt pass, response pass) against one
+    process running every row in full: whole groups dealt to the ranks, the same update."""
+    import ray
+
+    from lingshu_rl.train.split import plan_updates
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 100, (n,), generator=gen).tolist() for n in (6, 11, 3)]
+    rows = [0, 0, 0, 1, 1, 2, 2, 2]
+    batch = collate([prompts[g] for g in rows], [torch.randint(3, 100, (2 + 3 * (i % 3),), generator=gen).tolist()
+                                                 for i in range(len(rows))], pad_id=0)
+    batch = batch.with_(advantages=torch.randn(len(rows), generator=gen),
+                        ref_logprobs=(torch.randn(batch.input_ids.shape, generator=gen) * 0.1 - 6.5) * batch.response_mask)
+    plan = plan_updates(batch, updates=1, dp_size=2, micro_batch_size=2)
+    dealt = [{tuple(r[:n]) for r, n in zip(plan[rank][0].batch.input_ids.tolist(),
+                                           plan[rank][0].batch.prompt_lengths.tolist())} for rank in range(2)]
+    assert dealt[0] and dealt[1] and not dealt[0] & dealt[1]  # no prompt group is split between the ranks
+    cfg = train_cfg(micro_batch_size=2, updates_per_step=1)
+    single = TorchEngine(tiny, ModelConfig(), replace(cfg, threads=0, share_prompts=False), total_steps=8)
+    group = start_group(tiny, replace(cfg, strategy="fsdp2", data_parallel_size=2, share_prompts=True))
+    assert (single.logprobs(batch, 0.7) - ray.get(group.logprobs.remote(batch, 0.7))).abs().max().item() < TOL
+    loss = GRPOLoss(clip_low=0.2, clip_high=0.28, kl_coef=0.05, loss_agg="token-mean", entropy_coef=0.01,
+                    temperature=0.7)
+    for _ in range(2):
+        ours, theirs = single.update(batch, loss), ray.get(group.update.remote(batch, loss))
+        for key in ("actor/loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
+            assert theirs[key] == pytest.approx(ours[key], abs=TOL, rel=TOL), key
+    assert close(single.weights(), ray.get(group.weights.remote())) < TOL
+    group.kill()
+
+
 def test_dp2_vl_model_with_packing_equals_one_process(cluster, tiny_vl: str, tmp_path: Path) -> None:
     import ray
 
@@ -184,7 +216,9 @@ def test_activation_checkpointing_gives_the_same_update(tiny: str) -> None:
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        engine = TorchEngine(tiny, ModelConfig(), train_cfg(gradient_checkpointing=checkpointing), total_steps=2)
+        # each row in full in both (checkpointing does; shared prompts are compared with full rows elsewhere)
+        engine = TorchEngine(tiny, ModelConfig(), train_cfg(gradient_checkpointing=checkpointing, share_prompts=False),
+                             total_steps=2)
         metrics = engine.update(batch, loss)
         results.append((metrics, engine.weights()))
     (plain, w_plain), (ckpt, w_ckpt) = results

@@ -6,19 +6,33 @@
   to a vLLM and a transformers rollout worker. After updates, both rollouts generate what the updated model
   generates and score the canary as the actor does.
 - A rollout weight corrupted on purpose stops the run, naming the module (the tiny Qwen2 and the tiny VL model).
+- ``rollout.weight_sync: ipc`` (one buffer shared through POSIX shared memory on CPU): the channel between three
+  real processes over several syncs, nothing left in /dev/shm; through Ray with the tiny model into a colocated
+  transformers (and vLLM) rollout; a rollout worker on another node is refused, named. The CUDA IPC branch has
+  not run here (no GPU).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
 
 import pytest
 import torch
 
-from lingshu_rl.config import ModelConfig, RolloutConfig, RunConfig, TrainConfig
+from lingshu_rl.config import ModelConfig, RolloutConfig, RunConfig, TrainConfig, load_config
 from lingshu_rl.models.probe import module_of, probed_modules
-from lingshu_rl.models.transfer import ALIGN, Rendezvous, SyncError, TensorSpec, WeightChannel, _offsets, plan_buckets
+from lingshu_rl.models.transfer import (
+    ALIGN,
+    SHM_PREFIX,
+    Rendezvous,
+    SyncError,
+    TensorSpec,
+    WeightChannel,
+    _offsets,
+    plan_buckets,
+)
 from lingshu_rl.rollout.vllm_engine import vllm_available
 
 _SEED = torch.Generator().manual_seed(0)  # the same tensors in every process (the receivers check them)
@@ -83,6 +97,99 @@ def test_a_trainer_that_sends_something_else_is_named() -> None:
             channel.send(list(TENSORS.items())[:2])
     finally:
         channel.close()
+
+
+IPC_ROUNDS = 3
+
+
+def round_tensors(k: int) -> dict[str, torch.Tensor]:
+    """What the trainer sends in sync ``k`` (the same in every process; every sync different)."""
+    return {n: t + k for n, t in TENSORS.items()}
+
+
+def our_shm() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIX)}
+
+
+def _ipc_member(rank: int, port: int, results: multiprocessing.Queue) -> None:
+    channel = WeightChannel(Rendezvous("127.0.0.1", port, 3, 60, "ipc"), rank, MANIFEST, 1024, torch.device("cpu"))
+    shared = channel.transport
+    assert shared.shm is not None and shared.buffer is not None
+    name, address, size = shared.shm.name, shared.buffer.data_ptr(), shared.buffer.numel()
+    try:
+        if rank == 0:
+            report: dict = {"name": name, "size": size, "sent": [], "errors": [],
+                            "still_named": os.path.exists(f"/dev/shm/{name}")}  # every member mapped it: unlinked
+            for k in range(IPC_ROUNDS):
+                if k == 1:  # a wrong tensor stops the send before the first bucket is shared: the group goes on
+                    wrong = [("a.weight", TENSORS["a.weight"]), ("b.bias", torch.zeros(6))]
+                    try:
+                        channel.send(wrong)
+                    except SyncError as err:
+                        report["errors"].append(str(err))
+                report["sent"].append(channel.send(iter(round_tensors(k).items())))
+            report["same_buffer"] = shared.buffer is not None and shared.buffer.data_ptr() == address
+            results.put((rank, report))
+            return
+        got = [list(channel.receive()) for _ in range(IPC_ROUNDS)]
+        same = shared.buffer is not None and shared.buffer.data_ptr() == address
+    finally:
+        channel.close()
+    # compared after close(): the tensors received are copies, not views of the unmapped buffer
+    checked = [[(n, t.dtype, bool(torch.equal(t, round_tensors(k)[n]))) for n, t in tensors]
+               for k, tensors in enumerate(got)]
+    results.put((rank, {"name": name, "same_buffer": same, "got": checked}))
+
+
+def test_ipc_channel_shares_one_buffer_bit_for_bit_and_leaves_nothing_in_dev_shm() -> None:
+    before = our_shm()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ipc_member, args=(rank, port, results)) for rank in range(3)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    results.close()
+    results.join_thread()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    source = out[0]
+    assert source["size"] == max(_offsets(b)[1] for b in plan_buckets(MANIFEST, 1024))  # the largest bucket: d.big
+    assert source["size"] > 1024  # a tensor bigger than a bucket travels alone
+    assert source["sent"] == [sum(_offsets(b)[1] for b in plan_buckets(MANIFEST, 1024))] * IPC_ROUNDS
+    assert source["errors"] == ["weight sync: expected b.bias (5,), the trainer gave b.bias (6,)"]
+    assert not source["still_named"] and source["same_buffer"]
+    for rank in (1, 2):
+        assert out[rank]["name"] == source["name"] and out[rank]["same_buffer"]  # one segment, mapped once
+        assert out[rank]["got"] == [[(n, t.dtype, True) for n, t in TENSORS.items()]] * IPC_ROUNDS
+    assert our_shm() <= before  # nothing left in /dev/shm
+
+
+def test_ipc_refuses_a_rollout_worker_on_another_node() -> None:
+    from lingshu_rl.grpo.failures import Placed
+    from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.sync import WeightSync, check_colocated
+
+    placed = [Placed("lingshu/actor-0", "lingshu/actor-0", "a0", "node-a", "10.0.0.1"),
+              Placed("lingshu/actor-0/rank1", "lingshu/actor-0", "a1", "node-b", "10.0.0.2"),
+              Placed("lingshu/rollout-0", "lingshu/rollout-0", "r0", "node-a", "10.0.0.1"),
+              Placed("lingshu/rollout-1", "lingshu/rollout-1", "r1", "node-b", "10.0.0.2")]
+    check_colocated(placed[:3], 1)  # another rank of the actor elsewhere does not matter: only rank 0 shares
+    message = (r"rollout.weight_sync=ipc shares a buffer in the memory of the actor's rank 0, so every rollout "
+               r"worker must run on its node, but lingshu/rollout-1 runs on node 10.0.0.2 \(node id node-b\), and "
+               r"the actor's rank 0 \(lingshu/actor-0\) on node 10.0.0.1 \(node id node-a\): use "
+               r"rollout.weight_sync=collective$")
+    with pytest.raises(ValueError, match=message):
+        check_colocated(placed, 2)
+    with pytest.raises(ValueError, match="where the rollout worker lingshu/rollout-2 runs is not known"):
+        check_colocated(placed, 3)
+    # at start, before anything is asked of the workers (these stand-ins would fail any call)
+    assert load_config(None, ["rollout.weight_sync=ipc"]).rollout.weight_sync == "ipc"
+    roles = Roles(object(), [object(), object()], None, [], placed=placed)
+    with pytest.raises(ValueError, match=message):
+        WeightSync(roles, RunConfig(rollout=RolloutConfig(weight_sync="ipc")), "no-model-needed")
 
 
 def test_probed_modules_are_the_units_every_engine_keeps_together() -> None:
@@ -243,3 +350,39 @@ def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluste
     with pytest.raises(WeightsOutOfSync, match="rollout-0 does not compute what the actor computes: canary mean "
                                                r"\|log-prob difference\| .*differs is model.layers.1.mlp$"):
         sync.check()  # tripling a weight of the tiny Qwen2 moves the canary well past the tolerance
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from lingshu_rl.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.mark.slow
+def test_ipc_sync_to_colocated_rollouts(cluster, tiny_path: str) -> None:
+    """A torch actor and a transformers (and, when installed, a vLLM) rollout worker on this node: ipc syncs, through
+    one shared buffer, bring every rollout to the actor's updated weights."""
+    import ray
+
+    from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
+    from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
+
+    path = tiny_path
+    train = TrainConfig(lr=0.01, micro_batch_size=64)
+    engines = ["transformers"] + (["vllm"] if vllm_available() else [])
+    actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(path, ModelConfig(), train, 4, True, 0, 1)
+    rollouts = [ray.remote(RolloutWorker).options(num_cpus=0).remote(path, ModelConfig(), RolloutConfig(engine=e),
+                                                                     "cpu", 1) for e in engines]
+    roles = Roles(actor, rollouts, None, [])  # placed: WeightSync asks the workers where they run
+    before = our_shm()
+    sync = WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(weight_sync="ipc", sync_bucket_mb=1)), path)
+    assert our_shm() <= before  # the buffer's name went once every worker had mapped it
+    assert sync.check()["sync/canary_abs_diff"] < 1e-5  # both loaded the checkpoint the actor loaded
+    update_twice(roles, path)
+    with pytest.raises(WeightsOutOfSync, match="rollout-0 does not compute what the actor computes"):
+        sync.check()  # the rollouts still hold the old weights
+    for _ in range(2):  # the same buffer, sync after sync
+        assert sync.sync()["sync/canary_abs_diff"] < 1e-5
+    assert_rollouts_hold_the_actors_weights(roles, path)

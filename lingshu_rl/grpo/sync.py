@@ -4,6 +4,14 @@ Two ways (``rollout.weight_sync``):
 - ``collective`` (default): the actor's rank 0 and the rollout workers form a process group of their own
   (:mod:`lingshu_rl.models.transfer`). Each tensor is gathered from the actor's shards (FSDP2 or megatron tensor
   parallel) and broadcast in buckets of ``rollout.sync_bucket_mb``, straight into the rollout engine's loader.
+- ``ipc``: the same buckets and the same group, but the bytes do not travel through it: the actor's rank 0 packs
+  each bucket into one staging buffer it shares with the rollout workers (POSIX shared memory on CPU, a CUDA IPC
+  handle on GPU) and each worker copies the bucket out of it; the group (gloo) only says when. For rollout
+  workers colocated with the actor's rank 0: every one must run on its node (checked at start, naming a worker
+  elsewhere), on GPU on its device too (an NCCL group needs one device per rank, so ``collective`` cannot serve
+  a rollout engine on the trainer's own GPU). The CUDA path is written against torch's documented
+  ``reduce_tensor``/CUDA IPC and vLLM's documented ``reload_weights`` API but has NOT run: no GPU where it was
+  built; the CPU path is tested.
 - ``object_store``: the actor's rank 0 puts the whole state dict in Ray's object store once; every rollout
   worker reads it. Simple and robust, but the whole model is copied and pickled on every sync.
 
@@ -26,12 +34,13 @@ from transformers import AutoTokenizer
 from lingshu_rl.config import RunConfig
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.data.vision import VisionInputs, encode_prompt_with_images, load_image_processor
-from lingshu_rl.grpo.failures import get_or_die
+from lingshu_rl.grpo.failures import Placed, get_or_die, record_nodes
 from lingshu_rl.grpo.placement import ACTOR, ROLLOUT, Roles
 from lingshu_rl.models.probe import first_difference
-from lingshu_rl.models.transfer import Rendezvous
+from lingshu_rl.models.transfer import Rendezvous, Transport
 from lingshu_rl.rollout.vllm_engine import end_of_turn_ids
 from lingshu_rl.train.batch import TokenBatch, collate, with_vision
+from lingshu_rl.train.group import PolicyGroup
 
 CANARY_QUESTION = ("A 24-year-old woman has fatigue, pallor and a low mean corpuscular volume. Which test comes "
                    "first?\nA. Serum ferritin\nB. Bone marrow biopsy\nC. Hemoglobin electrophoresis\nD. MRI")
@@ -83,26 +92,30 @@ class WeightSync:
 
     def __init__(self, roles: Roles, cfg: RunConfig, model_path: str):
         self.roles, self.method = roles, cfg.rollout.weight_sync
+        if self.method == "ipc":
+            check_colocated(where_actors_run(roles), len(roles.rollouts))
         self.canary, pad_id = make_canary(model_path, cfg.model.trust_remote_code)
         self.canary_batch = self.canary.batch(pad_id)  # the actor's view of it, built once
         tolerance = cfg.rollout.canary_tolerance
         self.tolerance = tolerance if tolerance is not None else TOLERANCE[cfg.model.dtype]
         self.probe_every_sync = cfg.rollout.sync_module_check
-        if self.method == "collective":
+        if self.method in ("collective", "ipc"):
             self._connect(cfg.rollout.sync_bucket_mb << 20, cfg.rollout.sync_timeout_s)
 
     def _connect(self, bucket_bytes: int, timeout_s: float) -> None:
         actor, rollouts = self.roles.actor, self.roles.rollouts
         manifest = get_or_die(actor.weight_manifest.remote(), ACTOR)
         host, port = get_or_die(actor.address.remote(), ACTOR)
-        rendezvous = Rendezvous(host, port, 1 + len(rollouts), timeout_s)
+        transport: Transport = "ipc" if self.method == "ipc" else "collective"
+        rendezvous = Rendezvous(host, port, 1 + len(rollouts), timeout_s, transport)
         refs = [(actor.join_weight_sync.remote(rendezvous, bucket_bytes), ACTOR)]
         refs += [(w.join_weight_sync.remote(rendezvous, 1 + i, manifest, bucket_bytes), ROLLOUT.format(i))
                  for i, w in enumerate(rollouts)]
         _wait_all(refs)  # the store's rendezvous waits for every member: a failed one must stop it at once
         mb = sum(s.nbytes for s in manifest) / 2**20
-        print(f"[lingshu] weight sync: collective, {len(manifest)} tensors ({mb:,.1f} MB) in buckets of "
-              f"{bucket_bytes / 2**20:g} MB to {len(rollouts)} rollout worker(s)", flush=True)
+        via = " through a buffer shared on the actor's node" if transport == "ipc" else ""
+        print(f"[lingshu] weight sync: {transport}, {len(manifest)} tensors ({mb:,.1f} MB) in buckets of "
+              f"{bucket_bytes / 2**20:g} MB to {len(rollouts)} rollout worker(s){via}", flush=True)
 
     def sync(self) -> dict[str, float]:
         """Send the actor's weights to every rollout worker, then check them; returns the sync metrics."""
@@ -112,7 +125,7 @@ class WeightSync:
     def transfer(self) -> None:
         """The actor's weights into every rollout engine."""
         actor, rollouts = self.roles.actor, self.roles.rollouts
-        if self.method == "collective":
+        if self.method in ("collective", "ipc"):
             refs = [(actor.send_weights.remote(), ACTOR)]
             refs += [(w.receive_weights.remote(), ROLLOUT.format(i)) for i, w in enumerate(rollouts)]
         else:
@@ -154,6 +167,38 @@ class WeightSync:
         raise WeightsOutOfSync(
             f"after the weight sync, {role} does not compute what the actor computes: canary mean |log-prob "
             f"difference| {diff:.3g} (rollout.canary_tolerance {self.tolerance:g}); {place}")
+
+
+def where_actors_run(roles: Roles) -> list[Placed]:
+    """Where the actor's rank 0 and every rollout worker run: ``roles.placed`` (recorded when the roles started),
+    else (roles assembled by hand) asked of them now."""
+    if roles.placed:
+        return roles.placed
+    rank0 = roles.actor.ranks[0] if isinstance(roles.actor, PolicyGroup) else roles.actor
+    actors = {ACTOR: (ACTOR, rank0)}
+    actors.update({ROLLOUT.format(i): (ROLLOUT.format(i), w) for i, w in enumerate(roles.rollouts)})
+    return record_nodes(actors)
+
+
+def check_colocated(placed: list[Placed], workers: int) -> None:
+    """``rollout.weight_sync: ipc`` shares a buffer in the memory of the actor's rank 0: raise ValueError naming
+    each of the ``workers`` rollout workers that does not run on its node (or whose node is unknown)."""
+    nodes = {p.name: p for p in placed}
+    source = nodes.get(ACTOR)
+    if source is None:
+        raise ValueError(f"rollout.weight_sync=ipc: where the actor's rank 0 ({ACTOR}) runs is not known")
+    elsewhere = []
+    for name in (ROLLOUT.format(i) for i in range(workers)):
+        worker = nodes.get(name)
+        if worker is None:
+            raise ValueError(f"rollout.weight_sync=ipc: where the rollout worker {name} runs is not known")
+        if worker.node_id != source.node_id:
+            elsewhere.append(f"{name} runs on node {worker.ip} (node id {worker.node_id})")
+    if elsewhere:
+        raise ValueError(
+            f"rollout.weight_sync=ipc shares a buffer in the memory of the actor's rank 0, so every rollout worker "
+            f"must run on its node, but {'; '.join(elsewhere)}, and the actor's rank 0 ({ACTOR}) on node {source.ip} "
+            f"(node id {source.node_id}): use rollout.weight_sync=collective")
 
 
 def _wait_all(refs: list[tuple[Any, str]]) -> None:

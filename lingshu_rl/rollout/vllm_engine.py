@@ -66,9 +66,11 @@ from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:  # vLLM is an optional dependency
     from vllm.inputs import TokensPrompt
-    from vllm.logprobs import Logprob
+    from vllm.logprobs import FlatLogprobs, Logprob
 
-CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU unless VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
+# vLLM's KV cache on CPU (unless VLLM_CPU_KVCACHE_SPACE, in GiB, says otherwise): room for this many tokens of
+# the model, at most 1 GiB (a batch of 64 responses to 1,024-token prompts fits; vLLM queues what does not)
+CPU_KV_CACHE_TOKENS, CPU_KV_CACHE_MAX_BYTES = 65_536, 1 << 30
 MAX_IMAGES_PER_PROMPT = 4  # images vLLM reserves room for per prompt (vision-language models)
 
 
@@ -88,6 +90,18 @@ def _is_multimodal(model_path: str, trust_remote_code: bool) -> bool:
     from transformers import AutoConfig
 
     return hasattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "vision_config")
+
+
+def cpu_kv_cache_bytes(model_path: str, dtype: str, trust_remote_code: bool = False) -> int:
+    """The KV cache for :data:`CPU_KV_CACHE_TOKENS` tokens of the model (keys and values of every layer)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    return min(CPU_KV_CACHE_MAX_BYTES, per_token * (4 if dtype == "float32" else 2) * CPU_KV_CACHE_TOKENS)
 
 
 def _reload_weights(worker: Any, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
@@ -129,6 +143,18 @@ def _divide_logits_by(worker: Any, temperature: float) -> None:
             module.scale = own / temperature
 
 
+def _sampled_logprobs(steps: FlatLogprobs | list | None, ids: list[int]) -> list[float] | None:
+    """The sampled token's log-prob at each step (``logprobs=0``: the sampled token is always listed)."""
+    from vllm.logprobs import FlatLogprobs
+
+    if steps is None:
+        return None
+    if isinstance(steps, FlatLogprobs):
+        return [steps.logprobs[steps.token_ids.index(token, start, end)]
+                for token, start, end in zip(ids, steps.start_indices, steps.end_indices)]
+    return [cast("dict[int, Logprob]", step)[token].logprob for step, token in zip(steps, ids)]
+
+
 class VLLMRollout:
     def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase,
                  dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -142,10 +168,10 @@ class VLLMRollout:
         if enable_sleep_mode and on_cpu:
             raise ValueError("rollout.enable_sleep_mode needs a GPU: vLLM has no sleep mode on CPU")
         if on_cpu:  # one torch thread, as vLLM itself serves on CPU (it skips this when OMP_NUM_THREADS is set,
-            torch.set_num_threads(1)  # which Ray does for its workers); measured faster on a busy machine too
+            torch.set_num_threads(1)  # which Ray does for its workers); measured faster inside Ray, idle machine too
         extra: dict[str, Any] = {}
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            extra["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+            extra["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_path, dtype, trust_remote_code)
         self.multimodal = _is_multimodal(model_path, trust_remote_code)
         if self.multimodal:
             from lingshu_rl.models.tiny_vl import enable_qwen_vl_without_torchvision
@@ -181,19 +207,17 @@ class VLLMRollout:
             n=n, temperature=0.0 if greedy else 1.0, top_p=1.0 if greedy else params.top_p,
             top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
             stop_token_ids=self.eos_ids, seed=None if self.in_process else rng.getrandbits(31), logprobs=0,
+            flat_logprobs=True,  # a few flat lists per response, not a dict and an object per token
             detokenize=bool(params.stop))  # text is decoded below, as the transformers engine does
             for _ in expanded]
         outputs = self.llm.generate([self._request(p, v) for p, v in zip(expanded, visions)], requests, use_tqdm=False)
-        generations = []
-        for prompt, output in zip(expanded, outputs):
-            for sample in sorted(output.outputs, key=lambda c: c.index):  # n per prompt, grouped by prompt
-                ids = list(sample.token_ids)
-                # one {token: Logprob} per step, the sampled token always in it (vLLM types a step as optional)
-                logprobs = [cast("dict[int, Logprob]", step)[token].logprob
-                            for step, token in zip(sample.logprobs, ids)] if sample.logprobs is not None else None
-                finish = "stop" if sample.finish_reason == "stop" else "length"
-                text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
-                generations.append(Generation(list(prompt), ids, text, finish, logprobs))
+        samples = [(prompt, sample) for prompt, output in zip(expanded, outputs)
+                   for sample in sorted(output.outputs, key=lambda c: c.index)]  # n per prompt, grouped by prompt
+        texts = self.tokenizer.batch_decode([list(s.token_ids) for _, s in samples], skip_special_tokens=True)
+        generations = [Generation(list(prompt), list(sample.token_ids), text,
+                                  "stop" if sample.finish_reason == "stop" else "length",
+                                  _sampled_logprobs(sample.logprobs, list(sample.token_ids)))
+                       for (prompt, sample), text in zip(samples, texts)]
         if self.sleep_mode:  # free the GPU for the actor's update until the next load_weights
             self.llm.sleep(level=1)
             self.asleep = True

@@ -30,6 +30,8 @@ class TokenBatch:
     rollout_logprobs: Tensor | None = None  # [N, T] the rollout engine's sampling log-probs (mismatch metric, TIS)
     segment_ids: Tensor | None = None  # [N, T] packed rows: 1, 2, ... per packed sample, 0 on padding
     position_ids: Tensor | None = None  # [N, T] packed rows: positions restart at 0 for every packed sample
+    prompt_lengths: Tensor | None = None  # [N] long: rows of prompt + response (collate); rows sharing a prompt
+    #   run it once in the forward (lingshu_rl.train.prefix)
     # images (vision-language models): every image's patches and grid, rows in order; image_counts [N] says how
     # many images each row has (see lingshu_rl.data.vision)
     pixel_values: Tensor | None = None  # [patches, dim]
@@ -92,7 +94,8 @@ def with_vision(batch: TokenBatch, rows: Sequence[VisionInputs | None]) -> Token
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
     """Concatenate prompt and response token ids per sequence and right-pad them into a batch."""
-    return collate_masked([([*p, *r], [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)], pad_id)
+    batch = collate_masked([([*p, *r], [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)], pad_id)
+    return batch.with_(prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long))
 
 
 def collate_masked(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TokenBatch:

@@ -1,8 +1,10 @@
 """How one update's batch is cut: into optimiser updates (mini-batches), then across data-parallel ranks.
 
-Every rank gets a near-equal share of tokens (not of rows: a long response costs what several short ones do),
-and the loss of every micro-batch is normalised by totals over the whole update on all ranks, so the summed
-gradient at DP=k equals the gradient at DP=1 (up to float error) for every ``loss_agg`` mode.
+Every rank gets a near-equal share of tokens (not of rows: a long response costs what several short ones do);
+GRPO rows that share a prompt go to one rank together, which then runs the prompt once for all of them
+(:mod:`lingshu_rl.train.prefix`). The loss of every micro-batch is normalised by totals over the whole update
+on all ranks, so the summed gradient at DP=k equals the gradient at DP=1 (up to float error) for every
+``loss_agg`` mode.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lingshu_rl.train.batch import TokenBatch, loss_totals
+from lingshu_rl.train.prefix import find_shared_prompts
 
 
 @dataclass
@@ -55,9 +58,24 @@ def plan_updates(batch: TokenBatch, updates: int, dp_size: int, micro_batch_size
     plan: list[list[MiniBatch]] = [[] for _ in range(dp_size)]
     for mini in batch.chunks(mini_size):
         num_tokens, num_seqs = loss_totals(mini)
-        shards = balanced_shards(mini.attention_mask.sum(dim=1).tolist(), dp_size)
+        shards = _deal(mini, dp_size)
         micro_batches = max(1, max(math.ceil(len(s) / micro_batch_size) for s in shards))
         for rank, rows in enumerate(shards):
             part = mini.select(torch.tensor(rows, dtype=torch.long)) if rows else blank_row(mini)
             plan[rank].append(MiniBatch(part, num_tokens, num_seqs, micro_batches))
     return plan
+
+
+def _deal(batch: TokenBatch, parts: int) -> list[list[int]]:
+    """Rows per rank: whole prompt groups by the tokens they cost (the prompt once, every response), where the
+    batch has at least one group per rank; otherwise rows by their tokens."""
+    lengths = batch.attention_mask.sum(dim=1)
+    if batch.prompt_lengths is not None and batch.segment_ids is None:
+        share = find_shared_prompts(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
+        if len(share.group_rows) >= parts:
+            members: list[list[int]] = [[] for _ in share.group_rows]
+            for row, group in enumerate(share.row_group.tolist()):
+                members[group].append(row)
+            costs = [int(share.starts[rows[0]]) + int((lengths[rows] - share.starts[rows]).sum()) for rows in members]
+            return [sorted(r for g in groups for r in members[g]) for groups in balanced_shards(costs, parts)]
+    return balanced_shards(lengths.tolist(), parts)

@@ -35,6 +35,7 @@ from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.fsdp import DistInfo
 from lingshu_rl.train.logprob import response_logprobs
 from lingshu_rl.train.optim import make_optimizer
+from lingshu_rl.train.prefix import SharedPrompts, find_shared_prompts, shared_prompt_forward
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, blank_row, plan_updates
 from lingshu_rl.train.update import run_updates
@@ -70,10 +71,26 @@ class PolicyModel(torch.nn.Module):
         self.lm, self.chunk = lm, chunk
 
     def forward(self, inputs: dict[str, Tensor], input_ids: Tensor, response_mask: Tensor, temperature: float,
-                with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        hidden = self.lm.base_model(input_ids=input_ids, **inputs).last_hidden_state
+                with_entropy: bool, share: SharedPrompts | None = None) -> tuple[Tensor, Tensor | None]:
+        """``share``: rows sharing prompts (:mod:`lingshu_rl.train.prefix`); ``inputs`` then holds every row's
+        positions and the pixel inputs of the rows the prompt pass runs on."""
         head = self.lm.get_output_embeddings()
-        return response_logprobs(hidden, head, input_ids, response_mask, temperature, with_entropy, self.chunk)
+        if share is None:
+            hidden = self.lm.base_model(input_ids=input_ids, **inputs).last_hidden_state
+            return response_logprobs(hidden, head, input_ids, response_mask, temperature, with_entropy, self.chunk)
+        vision = {k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")}
+        hidden, index, valid = shared_prompt_forward(self.lm.base_model, input_ids, inputs["position_ids"], share,
+                                                     vision)
+        logprobs, entropy = response_logprobs(hidden, head, input_ids.gather(1, index),
+                                              response_mask.gather(1, index) * valid, temperature, with_entropy,
+                                              self.chunk)
+        rows, cols = valid.nonzero(as_tuple=True)
+
+        def scatter(values: Tensor) -> Tensor:  # back to the rows' own positions
+            return torch.zeros_like(response_mask, dtype=torch.float32).index_put((rows, index[rows, cols]),
+                                                                                  values[rows, cols])
+
+        return scatter(logprobs), scatter(entropy) if entropy is not None else None
 
     def blocks(self) -> list[torch.nn.Module]:
         """The units FSDP shards one by one: the repeated blocks (decoder layers, vision blocks: transformers lists
@@ -85,6 +102,12 @@ class PolicyModel(torch.nn.Module):
         if head is not None and head.weight is not embed.weight:
             blocks += [embed, head]
         return blocks
+
+
+def _pixels(row: TokenBatch) -> tuple[Tensor, Tensor] | None:
+    if row.pixel_values is None or row.image_grid_thw is None or not len(row.image_grid_thw):
+        return None
+    return row.pixel_values, row.image_grid_thw
 
 
 class TorchEngine:
@@ -174,10 +197,31 @@ class TorchEngine:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def forward(self, micro: TokenBatch, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probs ``[n, T]`` of ``micro``'s response tokens (with gradients), and optionally entropy."""
+        """Per-token log-probs ``[n, T]`` of ``micro``'s response tokens (with gradients), and optionally entropy.
+        Rows that share a prompt run it once (``train.share_prompts``, :mod:`lingshu_rl.train.prefix`)."""
+        input_ids, response_mask = micro.input_ids.to(self.device), micro.response_mask.to(self.device)
+        share = self._shared_prompts(micro)
+        inputs = self._inputs(micro)
+        if share is not None:  # the prompt pass sees only its own rows' images
+            rows = micro.select(share.group_rows.cpu())
+            inputs = {"attention_mask": inputs["attention_mask"], "position_ids": inputs["position_ids"],
+                      **{k: v for k, v in self._inputs(rows).items() if k in ("pixel_values", "image_grid_thw")}}
         with self._autocast():
-            return self.model(self._inputs(micro), micro.input_ids.to(self.device),
-                              micro.response_mask.to(self.device), temperature, with_entropy)
+            return self.model(inputs, input_ids, response_mask, temperature, with_entropy, share)
+
+    def _shared_prompts(self, micro: TokenBatch) -> SharedPrompts | None:
+        """Prompt groups of a GRPO micro-batch (rows collated with their prompt lengths, not packed); the rule
+        depends on the kind of batch and the mode only, never on the data, so FSDP ranks run the same passes.
+        Training with activation checkpointing runs every row in full: transformers drops the cached keys and
+        values inside recomputed layers."""
+        if not self.cfg.share_prompts or micro.prompt_lengths is None or micro.segment_ids is not None:
+            return None
+        if self.cfg.gradient_checkpointing and self.model.training:
+            return None
+        images = None
+        if micro.image_counts is not None:  # equal prompt tokens with other images are another prompt
+            images = [_pixels(micro.select(slice(i, i + 1))) for i in range(len(micro))]
+        return find_shared_prompts(micro.input_ids, micro.attention_mask, micro.prompt_lengths, images, self.device)
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float = 1.0, micro_batches: int = 0) -> Tensor:
@@ -282,7 +326,7 @@ class TorchEngine:
         forward (sharded layers are gathered in it)."""
         modules = probed_modules(name for name, _ in self.lm.named_parameters())
         with capture(self.model, {f"lm.{m}": m for m in modules}) as outputs:
-            self.logprobs(batch, 1.0)
+            self.logprobs(batch.with_(prompt_lengths=None), 1.0)  # one full forward: each module called once
         return dict(outputs)
 
     def save(self, directory: Path) -> None:
