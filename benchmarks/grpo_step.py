@@ -282,15 +282,15 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
 
 
 # name: (label, row, extra environment). Ray starts worker processes with OMP_NUM_THREADS=1 and lingshu_rl then
-# sets torch's threads per role (colocated roles take turns, each with every core); the floors run at torch's
-# default threads (every core), and "trl-1t" shows TRL with one thread per process.
+# sets torch's threads per role (colocated roles take turns, each with every core; vLLM one thread); the floors
+# run at their faster setting (vLLM one thread, training every core), and "trl-1t" shows TRL with one thread.
 ROWS: dict[str, tuple[str, Callable[[Path], dict[str, Any]], dict[str, str]]] = {
     "lingshu-transformers": ("lingshu_rl + transformers rollout", lambda w: row_lingshu("transformers", w), {}),
     "lingshu-vllm": ("lingshu_rl + vLLM rollout", lambda w: row_lingshu("vllm", w), {}),
     "trl": ("TRL GRPOTrainer (CPU, transformers generate)", lambda w: row_trl(False, w), {}),
     "trl-1t": ("TRL GRPOTrainer (CPU), OMP_NUM_THREADS=1", lambda w: row_trl(False, w), {"OMP_NUM_THREADS": "1"}),
     "trl-vllm": ("TRL GRPOTrainer + vLLM colocate (CPU)", lambda w: row_trl(True, w), {}),
-    "floor-gen": ("floor: vLLM alone, 64 responses", row_floor_gen, {}),
+    "floor-gen": ("floor: vLLM alone, 64 responses", row_floor_gen, {"OMP_NUM_THREADS": "1"}),
     "floor-train": ("floor: actor forward+backward, 64 seqs", row_floor_train, {}),
 }
 
