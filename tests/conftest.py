@@ -14,6 +14,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Qwen2 model, built in a fresh cache for the test module."""
+    from lingshu_rl.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Qwen2.5-VL model, built in a fresh cache for the test module."""
+    from lingshu_rl.models.tiny_vl import build_tiny_vl_model
+
+    return str(build_tiny_vl_model(tmp_path_factory.mktemp("cache_vl")))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -21,13 +21,6 @@ import torch
 from lingshu_rl.rollout.protocol import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    return str(build_tiny_model(cache_dir=tmp_path_factory.mktemp("cache")))
-
-
 def demo_prompts(path: str, count: int = 4, pad_token: str | None = None) -> tuple[list[list[int]], object]:
     from transformers import AutoTokenizer
 

@@ -35,20 +35,6 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny_vl import build_tiny_vl_model
-
-    return str(build_tiny_vl_model(tmp_path_factory.mktemp("cache_vl")))
-
-
 def train_cfg(**changes: object) -> TrainConfig:
     # lr 1e-4: Adam's first steps move a weight by ~lr whatever its gradient's size, so float noise in a
     # near-zero gradient (different reduction orders at DP=2) shows as up to ~0.02 x lr in a handful of weights
@@ -121,8 +107,8 @@ def test_dp2_shared_prompts_equal_one_process_without_sharing(cluster, tiny: str
     rows = [0, 0, 0, 1, 1, 2, 2, 2]
     batch = collate([prompts[g] for g in rows], [torch.randint(3, 100, (2 + 3 * (i % 3),), generator=gen).tolist()
                                                  for i in range(len(rows))], pad_id=0)
-    batch = batch.with_(advantages=torch.randn(len(rows), generator=gen),
-                        ref_logprobs=(torch.randn(batch.input_ids.shape, generator=gen) * 0.1 - 6.5) * batch.response_mask)
+    ref = (torch.randn(batch.input_ids.shape, generator=gen) * 0.1 - 6.5) * batch.response_mask
+    batch = batch.with_(advantages=torch.randn(len(rows), generator=gen), ref_logprobs=ref)
     plan = plan_updates(batch, updates=1, dp_size=2, micro_batch_size=2)
     dealt = [{tuple(r[:n]) for r, n in zip(plan[rank][0].batch.input_ids.tolist(),
                                            plan[rank][0].batch.prompt_lengths.tolist())} for rank in range(2)]

@@ -19,20 +19,6 @@ LOSS = GRPOLoss(clip_low=0.2, clip_high=0.28, kl_coef=0.05, loss_agg="token-mean
                 temperature=0.7)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny_vl import build_tiny_vl_model
-
-    return str(build_tiny_vl_model(tmp_path_factory.mktemp("cache_vl")))
-
-
 def engines(path: str, **changes: object) -> tuple[TorchEngine, TorchEngine]:
     """The same model twice, sharing prompts and not."""
     cfg = TrainConfig(lr=1e-4, micro_batch_size=64, device="cpu", **changes)  # type: ignore[arg-type]

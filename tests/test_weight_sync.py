@@ -70,11 +70,13 @@ def _member(rank: int, port: int, results: multiprocessing.Queue) -> None:
         channel.close()
 
 
-def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
+def run_members(target) -> tuple[dict, list]:
+    """``target(rank, port, results)`` in 3 spawned processes (the trainer's rank 0 and 2 receivers); what each
+    put in ``results``, by rank, and the finished processes."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_member, args=(rank, port, results)) for rank in range(3)]
+    procs = [ctx.Process(target=target, args=(rank, port, results)) for rank in range(3)]
     for p in procs:
         p.start()
     out = dict(results.get(timeout=120) for _ in procs)
@@ -82,6 +84,11 @@ def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
         p.join(timeout=60)
     results.close()
     results.join_thread()
+    return out, procs
+
+
+def test_every_receiver_gets_every_tensor_bit_for_bit() -> None:
+    out, _ = run_members(_member)
     assert out[0] >= sum(t.nbytes for t in TENSORS.values())
     for rank in (1, 2):
         assert out[rank] == [(n, t.dtype, True) for n, t in TENSORS.items()]
@@ -143,17 +150,7 @@ def _ipc_member(rank: int, port: int, results: multiprocessing.Queue) -> None:
 
 def test_ipc_channel_shares_one_buffer_bit_for_bit_and_leaves_nothing_in_dev_shm() -> None:
     before = our_shm()
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ipc_member, args=(rank, port, results)) for rank in range(3)]
-    for p in procs:
-        p.start()
-    out = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    results.close()
-    results.join_thread()
+    out, procs = run_members(_ipc_member)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     source = out[0]
     assert source["size"] == max(_offsets(b)[1] for b in plan_buckets(MANIFEST, 1024))  # the largest bucket: d.big
@@ -352,15 +349,8 @@ def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluste
         sync.check()  # tripling a weight of the tiny Qwen2 moves the canary well past the tolerance
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("cache")))
-
-
 @pytest.mark.slow
-def test_ipc_sync_to_colocated_rollouts(cluster, tiny_path: str) -> None:
+def test_ipc_sync_to_colocated_rollouts(cluster, tiny: str) -> None:
     """A torch actor and a transformers (and, when installed, a vLLM) rollout worker on this node: ipc syncs, through
     one shared buffer, bring every rollout to the actor's updated weights."""
     import ray
@@ -369,7 +359,7 @@ def test_ipc_sync_to_colocated_rollouts(cluster, tiny_path: str) -> None:
     from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
     from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
 
-    path = tiny_path
+    path = tiny
     train = TrainConfig(lr=0.01, micro_batch_size=64)
     engines = ["transformers"] + (["vllm"] if vllm_available() else [])
     actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(path, ModelConfig(), train, 4, True, 0, 1)
