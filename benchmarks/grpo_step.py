@@ -140,8 +140,9 @@ def result(step_s: list[float], memory: ProcessTreeMonitor, **extra: Any) -> dic
 
 # ---- rows ------------------------------------------------------------------------------------------------------
 
-def row_lingshu(engine: str, workdir: Path) -> dict[str, Any]:
-    """The GRPO controller's own step (``grpo_step``) on a local Ray cluster, as ``train_grpo`` runs it."""
+def row_lingshu(engine: str, workdir: Path, hybrid: bool = False) -> dict[str, Any]:
+    """The GRPO controller's own step (``grpo_step``) on a local Ray cluster, as ``train_grpo`` runs it; ``hybrid``:
+    actor, reference and rollout engine in one process (``cluster.hybrid``)."""
     import ray
 
     from lingshu_rl.config import load_config
@@ -155,7 +156,7 @@ def row_lingshu(engine: str, workdir: Path) -> dict[str, Any]:
     from lingshu_rl.telemetry import PhaseTimer
 
     with ProcessTreeMonitor() as memory:
-        cfg = load_config(None, [f"rollout.engine={engine}", *OVERRIDES])
+        cfg = load_config(None, [f"rollout.engine={engine}", f"cluster.hybrid={hybrid}", *OVERRIDES])
         path, tokenizer = tiny_model()
         steps = [[Prompt(s, encode_prompt(tokenizer, s)) for s in batch] for batch in step_samples()]
         start_ray(cfg.cluster, namespace=f"bench-{os.getpid()}")
@@ -287,6 +288,8 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
 ROWS: dict[str, tuple[str, Callable[[Path], dict[str, Any]], dict[str, str]]] = {
     "lingshu-transformers": ("lingshu_rl + transformers rollout", lambda w: row_lingshu("transformers", w), {}),
     "lingshu-vllm": ("lingshu_rl + vLLM rollout", lambda w: row_lingshu("vllm", w), {}),
+    "lingshu-vllm-hybrid": ("lingshu_rl + vLLM, cluster.hybrid (one process)", lambda w: row_lingshu("vllm", w, True),
+                            {}),
     "trl": ("TRL GRPOTrainer (CPU, transformers generate)", lambda w: row_trl(False, w), {}),
     "trl-1t": ("TRL GRPOTrainer (CPU), OMP_NUM_THREADS=1", lambda w: row_trl(False, w), {"OMP_NUM_THREADS": "1"}),
     "trl-vllm": ("TRL GRPOTrainer + vLLM colocate (CPU)", lambda w: row_trl(True, w), {}),
@@ -377,7 +380,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         if diff:
             print(f"  rollout vs training log-prob mean |diff|: {statistics.median(diff):.2e}")
         floor = results.get("floor-gen", {}).get("median_s")
-        if name == "lingshu-vllm" and floor:
+        if name.startswith("lingshu-vllm") and floor:
             print(f"  generation phase / vLLM-alone floor: {parts['gen'] / floor:.2f}x by medians")
         if best_trl:
             print(f"  step / TRL's best row: {r['median_s'] / best_trl:.2f}x")

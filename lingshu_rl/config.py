@@ -170,6 +170,10 @@ class ClusterConfig:
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); None starts a local one
     num_cpus: int | None = None  # CPUs a local cluster declares (None: all)
     colocate: bool = True  # all roles share one placement group (one machine); False: a group per role
+    # colocated actor, reference and rollout engines in ONE process (lingshu_rl.grpo.workers.HybridWorker): no
+    # process switches between phases, weights to the rollout engine in place (one machine or one GPU; torch
+    # engine, one training rank, one rollout worker)
+    hybrid: bool = False
     actor_cpus: float = 1.0
     actor_gpus: float = 0.0
     rollout_cpus: float = 1.0  # per rollout worker
@@ -374,6 +378,10 @@ def validate(config: RunConfig) -> None:
         (config.train.data_parallel_size == 1 or config.train.strategy == "fsdp2" or config.train.engine == "megatron",
          "train.data_parallel_size > 1 needs train.strategy=fsdp2 (torch engine) or train.engine=megatron"),
         (not config.train.offload or config.train.strategy == "fsdp2", "train.offload needs train.strategy=fsdp2"),
+        (not config.cluster.hybrid or (config.cluster.colocate and config.train.engine == "torch"
+                                       and config.train.strategy == "none" and config.rollout.num_workers == 1),
+         "cluster.hybrid=true needs cluster.colocate=true, train.engine=torch, train.strategy=none and "
+         "rollout.num_workers=1 (one process holds the actor, the reference and one rollout engine)"),
         (config.train.logprob_chunk >= 1, "train.logprob_chunk must be >= 1"),
         (config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
          "checkpoint.every and checkpoint.keep must be >= 1"),

@@ -122,6 +122,40 @@ def test_resume_after_sigkill_reproduces_metrics(workdir: Path, reward: str,
         assert after[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
 
 
+def test_hybrid_worker_reproduces_the_reference_run(workdir: Path, reward: str,
+                                                   reference_run: tuple[Path, str]) -> None:
+    """cluster.hybrid: actor, reference and the rollout engine in one process, weights loaded in place: the same
+    samples, rewards, losses and weights (the next steps' log-probs) as with a process per role."""
+    out_dir = workdir / "hybrid"
+    output = finish(launch(out_dir, "--set", "cluster.hybrid=true", reward=reward))
+    assert "weight sync: in place (actor, reference and rollout engine in one process)" in output
+    assert "(HybridWorker pid=" in output and "(RolloutWorker pid=" not in output.split("sft stage")[-1]
+    # the canary (another sync path) and vLLM's own log-probs (another thread count) are compared apart
+    apart = ("rollout/logprob_abs_diff", "sync/canary_abs_diff")
+    reference = {r["step"]: without_timing(r) for r in rows(reference_run[0] / "metrics.jsonl")}
+    hybrid = {r["step"]: without_timing(r) for r in rows(out_dir / "metrics.jsonl")}
+    assert sorted(hybrid) == [1, 2, 3, 4]
+    for step, row in hybrid.items():
+        assert row["sync/canary_abs_diff"] < 1e-4 and row.get("rollout/logprob_abs_diff", 0.0) < 1e-4
+        assert {k: v for k, v in row.items() if k not in apart} == pytest.approx(
+            {k: v for k, v in reference[step].items() if k not in apart}, rel=1e-5, abs=1e-6), step
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_hybrid_worker_with_vllm_keeps_the_rollout_in_sync(workdir: Path) -> None:
+    """vLLM in the actor's process (its threads the trainer's), its weights loaded in place after every update:
+    the canary and the sampled tokens' log-probs agree with the trainer at every step."""
+    pytest.importorskip("vllm")
+    out_dir = workdir / "hybrid-vllm"
+    output = finish(launch(out_dir, "--set", "cluster.hybrid=true", "--set", "rollout.engine=vllm",
+                           "--set", "grpo.steps=2", reward="mcq_exact"))
+    assert "weight sync: in place" in output
+    metrics = rows(out_dir / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2]
+    for row in metrics:
+        assert row["sync/canary_abs_diff"] < 1e-4 and row["rollout/logprob_abs_diff"] < 1e-4, row
+
+
 def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
     killer = workdir / "killer.py"
     killer.write_text(textwrap.dedent("""

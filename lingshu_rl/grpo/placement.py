@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lingshu_rl.config import ClusterConfig, RunConfig
 from lingshu_rl.grpo.failures import Placed, get_or_die, record_nodes
-from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
+from lingshu_rl.grpo.workers import Facet, HybridWorker, PolicyWorker, RolloutWorker
 from lingshu_rl.rewards.base import RewardFn
 from lingshu_rl.rewards.pool import ScoredBatch, ScoreItem
 from lingshu_rl.rewards.remote import RewardActor, reward_payload
@@ -62,6 +62,7 @@ class Roles:
     groups: list[PlacementGroup]
     reward: RewardScorer | None = None  # None: the caller scores by other means
     placed: list[Placed] = field(default_factory=list)  # where every actor (every rank) runs
+    hybrid: Any | None = None  # cluster.hybrid: the HybridWorker behind the actor, ref and rollout facets
 
     def names(self) -> dict[str, Any]:
         named = {ACTOR: self.actor, **{ROLLOUT.format(i): h for i, h in enumerate(self.rollouts)}}
@@ -75,7 +76,8 @@ class Roles:
         # graceful: each worker finishes its queue and exits; then the groups (which would kill them) go
         if self.reward is not None:  # its sandboxed processes first
             self.reward.actor.close.remote()
-        exits = [ref for handle in self.names().values() for ref in terminate_policy(handle)]
+        handles = {id(h): h for h in (h.handle if isinstance(h, Facet) else h for h in self.names().values())}
+        exits = [ref for handle in handles.values() for ref in terminate_policy(handle)]
         ray.wait(exits, num_returns=len(exits), timeout=30)
         for group in self.groups:
             remove_placement_group(group)
@@ -251,6 +253,18 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
 
     device = cfg.train.device
     started: list[Any] = []
+    if c.hybrid:  # one process for the three roles: the bundle's shares of all three
+        roles = _start_hybrid(cfg, options("actor", ACTOR), 2 + int(with_ref), policy_path, ref_path, total_steps,
+                              groups)
+        try:
+            if reward is not None:
+                roles.reward = RewardScorer(start_reward_actor(cfg, reward, reward_log, options))
+        except Exception as err:  # the scorer's reward must pickle
+            kill_policy(roles.hybrid)
+            for group in groups:
+                remove_placement_group(group)
+            raise RuntimeError(f"a worker failed to start: {err}") from None
+        return _record_nodes(roles)
     try:
         actor = policy("actor", ACTOR, policy_path, True, _threads(c, c.actor_cpus))
         started.append(actor)
@@ -267,7 +281,22 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
         for group in groups:
             remove_placement_group(group)
         raise RuntimeError(f"a worker failed to start: {err}") from None
-    roles = Roles(actor, rollouts, ref, groups, scorer)
+    return _record_nodes(Roles(actor, rollouts, ref, groups, scorer))
+
+
+def _start_hybrid(cfg: RunConfig, options: dict[str, Any], roles: int, policy_path: str, ref_path: str | None,
+                  total_steps: int, groups: list[PlacementGroup]) -> Roles:
+    """``cluster.hybrid``: one :class:`HybridWorker` with the resources of ``roles`` roles; its facets as roles."""
+    options = {**options, "num_cpus": options["num_cpus"] * roles, "num_gpus": options["num_gpus"] * roles}
+    hybrid = ray.remote(HybridWorker).options(**options).remote(
+        policy_path, ref_path, cfg.model, cfg.train, cfg.rollout, total_steps, cfg.seed, cfg.train.device,
+        _threads(cfg.cluster, cfg.cluster.actor_cpus))
+    ref = Facet(hybrid, "ref") if ref_path is not None else None
+    return Roles(Facet(hybrid, "actor"), [Facet(hybrid, "rollout")], ref, groups, hybrid=hybrid)
+
+
+def _record_nodes(roles: Roles) -> Roles:
+    """``roles`` with where each of its actors runs; a worker that failed to start stops here, named."""
     actors = {}  # every actor, each rank of a group under its own name
     for role, handle in roles.names().items():
         ranks_of = handle.ranks if isinstance(handle, PolicyGroup) else [handle]

@@ -14,6 +14,8 @@ Two ways (``rollout.weight_sync``):
   built; the CPU path is tested.
 - ``object_store``: the actor's rank 0 puts the whole state dict in Ray's object store once; every rollout
   worker reads it. Simple and robust, but the whole model is copied and pickled on every sync.
+- With ``cluster.hybrid`` the rollout engine lives in the actor's process: its weights are loaded in place from
+  the actor's parameters, whatever ``rollout.weight_sync`` says.
 
 After every sync (and once before the first step) a fixed *canary*, a short prompt and response (with an image for
 a vision-language model), is scored by the actor and by every rollout worker. Their mean absolute log-prob
@@ -91,7 +93,8 @@ class WeightSync:
     """Moves the actor's weights to the rollout workers (:meth:`sync`) and checks them (:meth:`check`)."""
 
     def __init__(self, roles: Roles, cfg: RunConfig, model_path: str):
-        self.roles, self.method = roles, cfg.rollout.weight_sync
+        self.roles = roles
+        self.method: str = cfg.rollout.weight_sync  # or "in_process" (below)
         if self.method == "ipc":
             check_colocated(where_actors_run(roles), len(roles.rollouts))
         self.canary, pad_id = make_canary(model_path, cfg.model.trust_remote_code)
@@ -99,7 +102,10 @@ class WeightSync:
         tolerance = cfg.rollout.canary_tolerance
         self.tolerance = tolerance if tolerance is not None else TOLERANCE[cfg.model.dtype]
         self.probe_every_sync = cfg.rollout.sync_module_check
-        if self.method in ("collective", "ipc"):
+        if roles.hybrid is not None:  # the rollout engine shares the actor's process: weights go in place
+            self.method = "in_process"
+            print("[lingshu] weight sync: in place (actor, reference and rollout engine in one process)", flush=True)
+        elif self.method in ("collective", "ipc"):
             self._connect(cfg.rollout.sync_bucket_mb << 20, cfg.rollout.sync_timeout_s)
 
     def _connect(self, bucket_bytes: int, timeout_s: float) -> None:
@@ -125,7 +131,10 @@ class WeightSync:
     def transfer(self) -> None:
         """The actor's weights into every rollout engine."""
         actor, rollouts = self.roles.actor, self.roles.rollouts
-        if self.method in ("collective", "ipc"):
+        if self.method == "in_process":
+            assert self.roles.hybrid is not None
+            refs = [(self.roles.hybrid.sync_in_place.remote(), ACTOR)]
+        elif self.method in ("collective", "ipc"):
             refs = [(actor.send_weights.remote(), ACTOR)]
             refs += [(w.receive_weights.remote(), ROLLOUT.format(i)) for i, w in enumerate(rollouts)]
         else:

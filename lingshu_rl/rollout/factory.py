@@ -6,9 +6,10 @@ from lingshu_rl.config import ModelConfig, RolloutConfig
 from lingshu_rl.rollout.protocol import RolloutEngine
 
 
-def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, device: str
-                        ) -> RolloutEngine:
-    """The configured engine; ``auto`` resolves here, in the worker's process (vLLM when importable)."""
+def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, device: str,
+                        vllm_cpu_threads: int | None = 1) -> RolloutEngine:
+    """The configured engine; ``auto`` resolves here, in the worker's process (vLLM when importable).
+    ``vllm_cpu_threads``: torch threads vLLM runs on CPU (None: the process's own)."""
     from transformers import AutoTokenizer
 
     from lingshu_rl.rollout.vllm_engine import vllm_available
@@ -28,5 +29,5 @@ def make_rollout_engine(model_path: str, model_cfg: ModelConfig, rollout_cfg: Ro
 
         return VLLMRollout(model_path, tokenizer, model_cfg.dtype, rollout_cfg.tensor_parallel_size,
                            rollout_cfg.gpu_memory_utilization, rollout_cfg.enable_sleep_mode,
-                           trust_remote_code=model_cfg.trust_remote_code)
+                           trust_remote_code=model_cfg.trust_remote_code, cpu_threads=vllm_cpu_threads)
     raise ValueError(f"unknown rollout engine {rollout_cfg.engine!r}")

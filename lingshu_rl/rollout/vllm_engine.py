@@ -159,7 +159,7 @@ class VLLMRollout:
     def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase,
                  dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False,
-                 seed: int = 0, trust_remote_code: bool = False):
+                 seed: int = 0, trust_remote_code: bool = False, cpu_threads: int | None = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: no pickled weights
         import vllm
         from vllm.platforms import current_platform
@@ -167,8 +167,12 @@ class VLLMRollout:
         on_cpu = current_platform.is_cpu()
         if enable_sleep_mode and on_cpu:
             raise ValueError("rollout.enable_sleep_mode needs a GPU: vLLM has no sleep mode on CPU")
-        if on_cpu:  # one torch thread, as vLLM itself serves on CPU (it skips this when OMP_NUM_THREADS is set,
-            torch.set_num_threads(1)  # which Ray does for its workers); measured faster inside Ray, idle machine too
+        # On CPU vLLM keeps the torch threads it finds when OMP_NUM_THREADS is set (Ray sets it for its workers)
+        # and forbids changing them afterwards: ``cpu_threads`` (None: keep this process's). One thread in a
+        # rollout worker of its own (measured faster there, even on an idle machine); a hybrid worker keeps the
+        # threads its trainer uses (lingshu_rl.grpo.workers.HybridWorker).
+        if on_cpu and cpu_threads:
+            torch.set_num_threads(cpu_threads)
         extra: dict[str, Any] = {}
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             extra["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_path, dtype, trust_remote_code)

@@ -287,6 +287,12 @@ class TorchEngine:
         return ((name, t.to(self.compute_dtype) if t.is_floating_point() else t)
                 for name, t in fsdp.gathered_tensors(self.model, "lm.", tied_once, to_cpu))
 
+    def hf_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every tensor under its Hugging Face name in ``model.dtype``, tied ones under each name (vLLM on CPU
+        refreshes a tied head only when its own name arrives), on this engine's device: for a rollout engine in
+        this process (unsharded: a sharded engine gathers, which its peers must join)."""
+        return self._hf_tensors(tied_once=False, to_cpu=False)
+
     def _writes(self) -> bool:
         return not self.sharded or dist.get_rank() == 0
 
