@@ -253,27 +253,24 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
 
     device = cfg.train.device
     started: list[Any] = []
-    if c.hybrid:  # one process for the three roles: the bundle's shares of all three
-        roles = _start_hybrid(cfg, options("actor", ACTOR), 2 + int(with_ref), policy_path, ref_path, total_steps,
-                              groups)
-        try:
-            if reward is not None:
-                roles.reward = RewardScorer(start_reward_actor(cfg, reward, reward_log, options))
-        except Exception as err:  # the scorer's reward must pickle
-            kill_policy(roles.hybrid)
-            for group in groups:
-                remove_placement_group(group)
-            raise RuntimeError(f"a worker failed to start: {err}") from None
-        return _record_nodes(roles)
+    hybrid: Any = None
+    rollouts: list[Any]  # worker handles, or with cluster.hybrid the hybrid worker's facets (actor and ref too)
     try:
-        actor = policy("actor", ACTOR, policy_path, True, _threads(c, c.actor_cpus))
-        started.append(actor)
-        rollouts = [ray.remote(RolloutWorker).options(**options(f"rollout{i}", ROLLOUT.format(i))).remote(
-            policy_path, cfg.model, cfg.rollout, device, _threads(c, c.rollout_cpus)) for i in range(num_rollouts)]
-        started += rollouts
-        ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if ref_path is not None else None
-        if ref is not None:
-            started.append(ref)
+        if c.hybrid:  # one process for the three roles, with the bundle's shares of all three
+            hybrid = _start_hybrid(cfg, options("actor", ACTOR), 2 + int(with_ref), policy_path, ref_path, total_steps)
+            started.append(hybrid)
+            actor, rollouts = Facet(hybrid, "actor"), [Facet(hybrid, "rollout")]
+            ref = Facet(hybrid, "ref") if ref_path is not None else None
+        else:
+            actor = policy("actor", ACTOR, policy_path, True, _threads(c, c.actor_cpus))
+            started.append(actor)
+            rollouts = [ray.remote(RolloutWorker).options(**options(f"rollout{i}", ROLLOUT.format(i))).remote(
+                policy_path, cfg.model, cfg.rollout, device, _threads(c, c.rollout_cpus))
+                for i in range(num_rollouts)]
+            started += rollouts
+            ref = policy("ref", REF, ref_path, False, _threads(c, c.ref_cpus)) if ref_path is not None else None
+            if ref is not None:
+                started.append(ref)
         scorer = None if reward is None else RewardScorer(start_reward_actor(cfg, reward, reward_log, options))
     except Exception as err:  # a group of ranks starts synchronously (the scorer's reward must pickle): clean up
         for handle in started:
@@ -281,18 +278,16 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
         for group in groups:
             remove_placement_group(group)
         raise RuntimeError(f"a worker failed to start: {err}") from None
-    return _record_nodes(Roles(actor, rollouts, ref, groups, scorer))
+    return _record_nodes(Roles(actor, rollouts, ref, groups, scorer, hybrid=hybrid))
 
 
 def _start_hybrid(cfg: RunConfig, options: dict[str, Any], roles: int, policy_path: str, ref_path: str | None,
-                  total_steps: int, groups: list[PlacementGroup]) -> Roles:
-    """``cluster.hybrid``: one :class:`HybridWorker` with the resources of ``roles`` roles; its facets as roles."""
+                  total_steps: int) -> Any:
+    """``cluster.hybrid``: one :class:`HybridWorker` with the resources of ``roles`` roles."""
     options = {**options, "num_cpus": options["num_cpus"] * roles, "num_gpus": options["num_gpus"] * roles}
-    hybrid = ray.remote(HybridWorker).options(**options).remote(
+    return ray.remote(HybridWorker).options(**options).remote(
         policy_path, ref_path, cfg.model, cfg.train, cfg.rollout, total_steps, cfg.seed, cfg.train.device,
         _threads(cfg.cluster, cfg.cluster.actor_cpus))
-    ref = Facet(hybrid, "ref") if ref_path is not None else None
-    return Roles(Facet(hybrid, "actor"), [Facet(hybrid, "rollout")], ref, groups, hybrid=hybrid)
 
 
 def _record_nodes(roles: Roles) -> Roles:

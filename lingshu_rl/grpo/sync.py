@@ -94,7 +94,8 @@ class WeightSync:
 
     def __init__(self, roles: Roles, cfg: RunConfig, model_path: str):
         self.roles = roles
-        self.method: str = cfg.rollout.weight_sync  # or "in_process" (below)
+        # the rollout engine in the actor's process (cluster.hybrid): weights go in place
+        self.method: str = "in_process" if roles.hybrid is not None else cfg.rollout.weight_sync
         if self.method == "ipc":
             check_colocated(where_actors_run(roles), len(roles.rollouts))
         self.canary, pad_id = make_canary(model_path, cfg.model.trust_remote_code)
@@ -102,8 +103,7 @@ class WeightSync:
         tolerance = cfg.rollout.canary_tolerance
         self.tolerance = tolerance if tolerance is not None else TOLERANCE[cfg.model.dtype]
         self.probe_every_sync = cfg.rollout.sync_module_check
-        if roles.hybrid is not None:  # the rollout engine shares the actor's process: weights go in place
-            self.method = "in_process"
+        if self.method == "in_process":
             print("[lingshu] weight sync: in place (actor, reference and rollout engine in one process)", flush=True)
         elif self.method in ("collective", "ipc"):
             self._connect(cfg.rollout.sync_bucket_mb << 20, cfg.rollout.sync_timeout_s)

@@ -86,17 +86,9 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def _is_multimodal(model_path: str, trust_remote_code: bool) -> bool:
-    from transformers import AutoConfig
-
-    return hasattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "vision_config")
-
-
-def cpu_kv_cache_bytes(model_path: str, dtype: str, trust_remote_code: bool = False) -> int:
-    """The KV cache for :data:`CPU_KV_CACHE_TOKENS` tokens of the model (keys and values of every layer)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+def cpu_kv_cache_bytes(config: Any, dtype: str) -> int:
+    """The KV cache for :data:`CPU_KV_CACHE_TOKENS` tokens of the model whose Hugging Face config is ``config``
+    (keys and values of every layer)."""
     text = getattr(config, "text_config", None) or config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -173,10 +165,13 @@ class VLLMRollout:
         # threads its trainer uses (lingshu_rl.grpo.workers.HybridWorker).
         if on_cpu and cpu_threads:
             torch.set_num_threads(cpu_threads)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         extra: dict[str, Any] = {}
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            extra["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_path, dtype, trust_remote_code)
-        self.multimodal = _is_multimodal(model_path, trust_remote_code)
+            extra["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, dtype)
+        self.multimodal = hasattr(config, "vision_config")
         if self.multimodal:
             from lingshu_rl.models.tiny_vl import enable_qwen_vl_without_torchvision
 

@@ -166,8 +166,9 @@ class TorchEngine:
 
     # --- forward -------------------------------------------------------------------------------------------------
 
-    def _inputs(self, batch: TokenBatch) -> dict[str, Tensor]:
-        """Attention mask and positions (and images) for the model; packed rows get a block-diagonal mask."""
+    def _inputs(self, batch: TokenBatch, images: TokenBatch | None = None) -> dict[str, Tensor]:
+        """Attention mask and positions (and images) for the model; packed rows get a block-diagonal mask.
+        ``images``: the rows whose pixels the model is given (default: ``batch``'s own)."""
         if batch.pixel_values is not None and not self.multimodal:
             raise ValueError("the batch has images but the model has no vision tower")
         input_ids = batch.input_ids.to(self.device)
@@ -185,7 +186,9 @@ class TorchEngine:
             positions = packed_multimodal_positions(self.lm, input_ids, batch.segment_ids.to(self.device), grid)
         else:
             positions = multimodal_positions(self.lm, input_ids, mask, grid)
-        pixels = batch.pixel_values.to(self.device, self.compute_dtype) if batch.pixel_values is not None else None
+        source = batch if images is None else images
+        pixels = source.pixel_values.to(self.device, self.compute_dtype) if source.pixel_values is not None else None
+        grid = source.image_grid_thw.to(self.device) if source.image_grid_thw is not None else None
         inputs = {"attention_mask": mask, "position_ids": positions}
         return inputs | ({"pixel_values": pixels} if pixels is not None else {}) | (
             {"image_grid_thw": grid} if grid is not None else {})
@@ -201,11 +204,8 @@ class TorchEngine:
         Rows that share a prompt run it once (``train.share_prompts``, :mod:`lingshu_rl.train.prefix`)."""
         input_ids, response_mask = micro.input_ids.to(self.device), micro.response_mask.to(self.device)
         share = self._shared_prompts(micro)
-        inputs = self._inputs(micro)
-        if share is not None:  # the prompt pass sees only its own rows' images
-            rows = micro.select(share.group_rows.cpu())
-            inputs = {"attention_mask": inputs["attention_mask"], "position_ids": inputs["position_ids"],
-                      **{k: v for k, v in self._inputs(rows).items() if k in ("pixel_values", "image_grid_thw")}}
+        # shared prompts: every row's positions, and the images of the rows the prompt pass runs on
+        inputs = self._inputs(micro, None if share is None else micro.select(share.group_rows.cpu()))
         with self._autocast():
             return self.model(inputs, input_ids, response_mask, temperature, with_entropy, share)
 
