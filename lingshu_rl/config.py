@@ -46,6 +46,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # the end-of-turn token is not sampled before this many tokens (stop strings still stop)
     stop: list[str] = field(default_factory=list)  # extra stop strings besides the end-of-turn token
     num_workers: int = 1  # rollout actors; a batch is split between them
     tensor_parallel_size: int = 1  # vLLM: devices per rollout worker
@@ -105,6 +106,9 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
     mask_truncated: bool = False  # leave responses cut at max_new_tokens out of the loss (DAPO overlong filter)
     max_nan_steps: int = 3  # consecutive skipped (non-finite loss) updates before the run stops
+    # generate step t+1's rollouts while step t scores and updates (one step stale; the ratio is against the
+    # sampling policy's log-probs, or with rollout.tis_cap the truncated importance weight corrects for it)
+    one_step_off: bool = False
 
 
 @dataclass
@@ -355,6 +359,13 @@ def validate(config: RunConfig) -> None:
         (config.rollout.temperature > 0, "rollout.temperature must be > 0"),
         (0 < config.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (config.rollout.max_new_tokens > 0, "rollout.max_new_tokens must be > 0"),
+        (not (config.grpo.one_step_off and config.rollout.engine == "transformers"),
+         "grpo.one_step_off needs the rollout engine's sampling log-probs: use rollout.engine=vllm (or auto)"),
+        (not (config.grpo.one_step_off and config.cluster.hybrid),
+         "grpo.one_step_off needs a process per role (cluster.hybrid=false): one process cannot generate and "
+         "update at once"),
+        (0 <= config.rollout.min_new_tokens <= config.rollout.max_new_tokens,
+         "rollout.min_new_tokens must be between 0 and rollout.max_new_tokens"),
         (config.rollout.num_workers >= 1, "rollout.num_workers must be >= 1"),
         (config.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
         (0 < config.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),

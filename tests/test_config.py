@@ -46,6 +46,17 @@ def test_errors_name_the_key(override: str, message: str) -> None:
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["grpo.one_step_off=true", "rollout.engine=transformers"], "grpo.one_step_off needs the rollout engine's"),
+    (["grpo.one_step_off=true", "rollout.engine=vllm", "cluster.hybrid=true"], "grpo.one_step_off needs a process"),
+    (["rollout.max_new_tokens=8", "rollout.min_new_tokens=9"], "rollout.min_new_tokens must be between 0 and"),
+])
+def test_combinations_that_cannot_run_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    assert load_config(None, ["grpo.one_step_off=true", "rollout.engine=vllm"]).grpo.one_step_off
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_are_valid(recipe: Path) -> None:
     cfg = load_config(recipe)

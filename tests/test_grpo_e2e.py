@@ -156,6 +156,40 @@ def test_hybrid_worker_with_vllm_keeps_the_rollout_in_sync(workdir: Path) -> Non
         assert row["sync/canary_abs_diff"] < 1e-4 and row["rollout/logprob_abs_diff"] < 1e-4, row
 
 
+def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path) -> None:
+    """grpo.one_step_off: step t+1 generates while step t scores and updates. Its rollouts are one step stale from
+    step 2 on (logged), a checkpoint holds the rollouts made ahead, and a run killed after it resumes to the same
+    metrics as the run that was not killed."""
+    pytest.importorskip("vllm")
+    overlap = ("--set", "grpo.one_step_off=true", "--set", "rollout.engine=vllm")
+    full_dir, killed_dir = workdir / "overlap", workdir / "overlap-killed"
+    finish(launch(full_dir, *overlap, reward="mcq_exact"))
+    full = {r["step"]: without_timing(r) for r in rows(full_dir / "metrics.jsonl")}
+    assert [full[s]["grpo/staleness"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
+    assert all(isinstance(r["timing/gen_wait_s"], float) for r in rows(full_dir / "metrics.jsonl")[:3])
+    assert any(full[s]["actor/grad_norm"] > 0 for s in full), "nothing learnt: the resume check would be empty"
+    ckpt = full_dir / "checkpoints" / "step_000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["data_position"] == 8 and state["policy_version"] == 2  # step 3's prompts are drawn again
+    assert json.loads((ckpt / "rollouts.json").read_text())["step"] == 3
+    assert not (full_dir / "checkpoints" / "step_000004" / "rollouts.json").exists()  # the last step makes none
+
+    proc = launch(killed_dir, *overlap, reward="mcq_exact")
+    deadline = time.time() + 600
+    while not (killed_dir / "checkpoints" / "step_000002").is_dir():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("run ended before its first checkpoint:\n" + proc.communicate()[0][-4000:])
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish(launch(killed_dir, *overlap, "--resume", "auto", reward="mcq_exact"))
+    resumed = {r["step"]: without_timing(r) for r in rows(killed_dir / "metrics.jsonl")}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+
+
 def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
     killer = workdir / "killer.py"
     killer.write_text(textwrap.dedent("""

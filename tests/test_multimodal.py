@@ -239,8 +239,8 @@ def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_di
     import ray
 
     from lingshu_rl.data.vision import vision_inputs
-    from lingshu_rl.grpo.controller import Prompt, prepare_visions
     from lingshu_rl.grpo.placement import Roles
+    from lingshu_rl.grpo.rollouts import Prompt, prepare_visions
     from lingshu_rl.train.group import fetch_images
 
     driver, processor = os.getpid(), load_image_processor(model_dir)

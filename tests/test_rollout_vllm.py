@@ -182,6 +182,26 @@ class TestVLLMOnRay:
         diff = ((train - rollout).abs() * batch.response_mask).sum() / batch.response_mask.sum()
         assert diff < 1e-4
 
+    def test_min_new_tokens_holds_back_the_end_of_turn_in_both_engines(self, roles):
+        """What the benchmarks use to give every row the same length: no end-of-turn before min_new_tokens."""
+        import ray
+
+        (r, path, sync) = roles
+        prompts, tokenizer = demo_prompts(path, 8)
+        targets = [tokenizer.encode(demo_target(s), add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(
+            "<|im_end|>")] for s in make_demo_dataset(seed=0)[0][:len(prompts)]]
+        batch = collate(prompts, targets, tokenizer.pad_token_id).with_(advantages=torch.ones(len(prompts)))
+        for _ in range(6):  # short answers that end: the end-of-turn token becomes likely early
+            ray.get(r.actor.update.remote(batch, GRPOLoss()))
+        sync.sync()
+        hf = transformers_engine(path, tokenizer, ray.get(r.actor.weights.remote()))
+        free = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=5)
+        held = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, min_new_tokens=24, seed=5)
+        for generate in (lambda p: ray.get(r.rollouts[0].generate.remote(prompts, p)),
+                         lambda p: hf.generate(prompts, p)):
+            assert any(g.finish_reason == "stop" for g in generate(free)), "nothing stopped early: a test of nothing"
+            assert {(len(g.response_ids), g.finish_reason) for g in generate(held)} == {(24, "length")}
+
     @pytest.mark.parametrize("top_p, top_k", [(0.5, 0), (1.0, 20), (0.5, 20)])
     def test_sampling_logprobs_under_top_p_top_k_are_the_training_engines(self, roles, top_p, top_k):
         """With truncated sampling vLLM's log-probs are still those of softmax(logits / T) over the whole

@@ -27,9 +27,11 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)  # subset labels and anything else
 
     def reward_fields(self) -> dict[str, Any]:
-        """The keyword fields a reward function may ask for."""
+        """The keyword fields a reward function may ask for. ``images`` are the images' paths, an embedded image
+        ``"<image: N bytes>"``: a reward item never carries pixels (it goes to a scoring process n times a prompt)."""
+        images = [i if isinstance(i, str) else f"<image: {len(i)} bytes>" for i in self.images]
         return {"options": self.options, "id": self.id, "task": self.task, "source": self.source,
-                "data_source": self.source, "images": self.images, **self.meta}
+                "data_source": self.source, "images": images, **self.meta}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,27 +15,24 @@ from __future__ import annotations
 
 import signal
 from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lingshu_rl.config import RunConfig
-from lingshu_rl.data.sample import Sample
 from lingshu_rl.data.sampler import EpochSampler
-from lingshu_rl.data.vision import VisionInputs, vision_inputs
 from lingshu_rl.grpo.algorithm import group_advantages, informative_groups
 from lingshu_rl.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from lingshu_rl.grpo.failures import WorkerDied, describe_death
 from lingshu_rl.grpo.failures import get_or_die as _get
 from lingshu_rl.grpo.loss import GRPOLoss
-from lingshu_rl.grpo.placement import ACTOR, REF, ROLLOUT, Roles, create_roles
+from lingshu_rl.grpo.placement import ACTOR, REF, Roles, create_roles
+from lingshu_rl.grpo.rollouts import Prompt, Rollouts, load_generations, save_generations, start_rollouts
 from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
 from lingshu_rl.rewards.base import RewardFn
-from lingshu_rl.rewards.pool import ScoreItem, Scorer
+from lingshu_rl.rewards.pool import ScoreItem
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 from lingshu_rl.telemetry import PhaseTimer, Progress, Telemetry
 from lingshu_rl.train.batch import collate, response_values
@@ -45,54 +42,6 @@ ACCURACY_REWARDS = ("mcq_exact", "answer_norm")
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. non-finite losses several steps in a row)."""
-
-
-@dataclass
-class Prompt:
-    sample: Sample
-    ids: list[int]  # chat-templated prompt tokens (image pads expanded)
-    image_processor: Any = None  # for a sample with images: prepared in a Ray task when the prompt is drawn
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _prepare_vision(image_processor: Any, sample: Sample) -> VisionInputs | None:
-    return vision_inputs(image_processor, sample)
-
-
-def _shares(count: int, workers: int) -> list[slice]:
-    """How :func:`generate` splits ``count`` prompts between the rollout workers."""
-    size = -(-count // workers)
-    return [slice(i * size, (i + 1) * size) for i in range(workers)]
-
-
-def prepare_visions(prompts: list[Prompt], roles: Roles) -> list[ray.ObjectRef | None]:
-    """Each prompt's images, decoded and preprocessed once per prompt in a Ray task on the node of the rollout
-    worker that will generate for it; the pixels stay in Ray's object store, where that worker and the training
-    ranks fetch their own rows' (the driver never holds them: a data set's pixels need not fit anywhere)."""
-    nodes = {p.name: p.node_id for p in roles.placed}
-    out: list[ray.ObjectRef | None] = [None] * len(prompts)
-    for i, part in enumerate(_shares(len(prompts), len(roles.rollouts))):
-        node = nodes.get(ROLLOUT.format(i))
-        task = _prepare_vision.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) \
-            if node else _prepare_vision
-        for j in range(len(prompts))[part]:
-            if prompts[j].sample.images:
-                out[j] = task.remote(prompts[j].image_processor, prompts[j].sample)
-    return out
-
-
-def generate(roles: Roles, prompts: list[list[int]], params: SamplingParams,
-             visions: list[ray.ObjectRef | None]) -> list[Generation]:
-    """Split the prompts (and their images) across the rollout workers (data parallel); results stay grouped
-    by prompt."""
-    parts = _shares(len(prompts), len(roles.rollouts))
-    refs = [(i, w.generate.remote(prompts[part], params, _images(visions[part])))
-            for i, (w, part) in enumerate(zip(roles.rollouts, parts)) if prompts[part]]
-    return [g for i, ref in refs for g in _get(ref, ROLLOUT.format(i))]
-
-
-def _images(visions: list[ray.ObjectRef | None]) -> list[ray.ObjectRef | None] | None:
-    return visions if any(v is not None for v in visions) else None
 
 
 def accuracy_of(details: list[dict[str, float]], scores: list[float], reward_names: list[str]) -> float | None:
@@ -105,59 +54,126 @@ def accuracy_of(details: list[dict[str, float]], scores: list[float], reward_nam
     return None
 
 
-def grpo_step(step: int, prompts: list[Prompt], roles: Roles, pool: Scorer, cfg: RunConfig, loss: GRPOLoss,
-              reward_names: list[str], pad_id: int, timer: PhaseTimer, weights: WeightSync
-              ) -> tuple[dict[str, float], list[dict]]:
-    n = cfg.rollout.n
-    params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                            stop=cfg.rollout.stop, seed=cfg.seed * 1_000_003 + step)
-    with timer.phase("gen"):
-        visions = prepare_visions(prompts, roles)
-        gens = generate(roles, [p.ids for p in prompts], params, visions)  # [B*n], grouped by prompt
-    with timer.phase("score"):
-        owners = [p for p in prompts for _ in range(n)]
-        scored = pool.score([ScoreItem(g.text, p.sample.answer, p.sample.reward_fields())
-                             for g, p in zip(gens, owners)])
-    rewards = torch.tensor(scored.scores, dtype=torch.float32).view(len(prompts), n)  # [B, n]
-    keep = informative_groups(rewards) if cfg.grpo.dynamic_sampling else torch.ones(len(prompts), dtype=torch.bool)
-    advantages = group_advantages(rewards, cfg.grpo.adv_scale)  # [B, n]
-    rows = keep.repeat_interleave(n).nonzero().flatten().tolist()
+class StepLoop:
+    """The GRPO steps in order. Serial: each step generates, then scores and updates. ``grpo.one_step_off``: the
+    next step's rollouts generate (with the weights before this step's update) while this step scores, computes
+    reference log-probs and updates; they are waited for before the weight sync, so the staleness is at most one
+    step, and logged (``grpo/staleness``)."""
 
-    metrics = reward_metrics(scored.results, rewards, reward_names, gens)
-    metrics.update(scored.stats())
-    metrics["grpo/kept_groups"] = float(keep.sum())
-    if rows:
-        batch = collate([gens[i].prompt_ids for i in rows], [gens[i].response_ids for i in rows], pad_id)
-        batch = batch.with_(advantages=advantages.flatten()[rows])
+    def __init__(self, cfg: RunConfig, roles: Roles, sampler: EpochSampler, loss: GRPOLoss, reward_names: list[str],
+                 pad_id: int, timer: PhaseTimer, weights: WeightSync, policy_version: int = 0):
+        self.cfg, self.roles, self.sampler, self.loss = cfg, roles, sampler, loss
+        self.reward_names, self.pad_id, self.timer, self.weights = reward_names, pad_id, timer, weights
+        assert roles.reward is not None, "GRPO needs a reward"
+        self.pool = roles.reward
+        self.policy_version = policy_version  # steps whose update reached the rollout workers
+        self.ahead: Rollouts | None = None  # one-step-off: the next step's rollouts, generating or made
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="rollouts")
+
+    def params(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop=r.stop,
+                              seed=self.cfg.seed * 1_000_003 + step)
+
+    def _draw(self, step: int, ready: list[Generation] | None = None, policy_version: int | None = None
+              ) -> Rollouts:
+        position = self.sampler.position
+        prompts = self.sampler.next(self.cfg.grpo.prompts_per_step)
+        version = self.policy_version if policy_version is None else policy_version
+        return start_rollouts(step, prompts, self.roles, self.params(step), version, position, self._background,
+                              self._submit_scores, ready)
+
+    def _submit_scores(self, prompts: list[Prompt], gens: list[Generation]) -> Any:
+        owners = [p.sample for p in prompts for _ in range(self.cfg.rollout.n)]
+        return self.pool.submit([ScoreItem(g.text, s.answer, s.reward_fields()) for g, s in zip(gens, owners)])
+
+    def resume_ahead(self, step: int, ready: list[Generation], policy_version: int) -> None:
+        """The rollouts a checkpoint saved for ``step`` (made one step ahead, by the weights of
+        ``policy_version``): the resumed run trains on exactly them."""
+        self.ahead = self._draw(step, ready, policy_version)
+
+    def run(self, step: int, last: int) -> tuple[dict[str, float], list[dict]]:
+        with self.timer.phase("gen"):
+            current = self.ahead or self._draw(step)
+            gens = current.generations()  # [B*n], grouped by prompt
+        self.ahead = self._draw(step + 1) if self.cfg.grpo.one_step_off and step < last else None
+        metrics, samples, updated = self._learn(step, current, gens)
+        metrics["grpo/staleness"] = float(self.policy_version - current.policy_version)
+        if self.ahead is not None:
+            with self.timer.phase("gen_wait"):  # the rollout workers finish the next step's rollouts first
+                self.ahead.generations()
+        if updated:
+            with self.timer.phase("sync"):
+                metrics.update(self.weights.sync())
+            self.policy_version += 1
+        return metrics, samples
+
+    def data_position(self) -> int:
+        """Where a resumed run's sampler starts: before the prompts of the rollouts made ahead, if any."""
+        return self.ahead.data_position if self.ahead is not None else self.sampler.position
+
+    def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
+
+    def _learn(self, step: int, rollouts: Rollouts, gens: list[Generation]
+               ) -> tuple[dict[str, float], list[dict], bool]:
+        """Score, advantages, reference log-probs, the update. Returns metrics, logged samples, and whether the
+        actor updated."""
+        cfg, roles, loss, n = self.cfg, self.roles, self.loss, self.cfg.rollout.n
+        prompts, visions = rollouts.prompts, rollouts.visions
+        batch = collate([g.prompt_ids for g in gens], [g.response_ids for g in gens], self.pad_id)
         if any(v is not None for v in visions):  # each training rank fetches its own rows' images
-            batch = batch.with_(vision_refs=[visions[i // n] for i in rows])
-        if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
-            truncated = torch.tensor([gens[i].finish_reason == "length" for i in rows])
-            batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))
-            metrics["grpo/masked_truncated"] = float(truncated.sum())
-        if all(gens[i].logprobs is not None for i in rows):  # the rollout engine's own log-probs (vLLM)
-            batch = batch.with_(rollout_logprobs=response_values(
-                [len(gens[i].prompt_ids) for i in rows], [gens[i].logprobs for i in rows], batch.input_ids.shape[1]))
-        elif loss.tis_cap:
-            raise ValueError("rollout.tis_cap needs sampling log-probs, and this rollout engine returns none")
-        if cfg.train.updates_per_step > 1:  # several updates: the ratio needs the pre-update log-probs
-            with timer.phase("old"):
-                batch = batch.with_(old_logprobs=_get(roles.actor.logprobs.remote(batch, loss.temperature), ACTOR))
-        if roles.ref is not None:
-            with timer.phase("ref"):
-                batch = batch.with_(ref_logprobs=_get(roles.ref.logprobs.remote(batch, loss.temperature), REF))
-        with timer.phase("update"):
-            metrics.update(_get(roles.actor.update.remote(batch, loss), ACTOR))
-        with timer.phase("sync"):
-            metrics.update(weights.sync())
-    samples = [{"step": step, "id": p.sample.id, "prompt": p.sample.messages[-1]["content"], "response": g.text,
-                "answer": p.sample.answer, "reward": r.score, "finish_reason": g.finish_reason}
-               for p, g, r in list(zip(owners, gens, scored.results))[::n][:cfg.logging.samples_per_step]]
-    for failure in scored.failures[:3]:
-        print(f"[lingshu] step {step}: reward failed on sample {failure.sample_id}: {failure.kind}: {failure.message}",
-              flush=True)
-    return metrics, samples
+            batch = batch.with_(vision_refs=[visions[i // n] for i in range(len(gens))])
+        ref = None
+        if roles.ref is not None and not cfg.grpo.dynamic_sampling:  # beside the scoring: it needs no rewards
+            ref = roles.ref.logprobs.remote(batch, loss.temperature)
+        with self.timer.phase("score"):  # each chunk went to scoring as soon as it was generated
+            scored = self.pool.collect(rollouts.scores_submitted())
+        rewards = torch.tensor(scored.scores, dtype=torch.float32).view(len(prompts), n)  # [B, n]
+        keep = informative_groups(rewards) if cfg.grpo.dynamic_sampling \
+            else torch.ones(len(prompts), dtype=torch.bool)
+        advantages = group_advantages(rewards, cfg.grpo.adv_scale)  # [B, n]
+        rows = keep.repeat_interleave(n).nonzero().flatten()
+
+        metrics = reward_metrics(scored.results, rewards, self.reward_names, gens)
+        metrics.update(scored.stats())
+        metrics["grpo/kept_groups"] = float(keep.sum())
+        if len(rows):
+            batch = batch.with_(advantages=advantages.flatten())
+            if cfg.grpo.mask_truncated:  # a cut-off response says nothing about how to end one: no gradient from it
+                truncated = torch.tensor([g.finish_reason == "length" for g in gens])
+                batch = batch.with_(response_mask=batch.response_mask * (~truncated).float().unsqueeze(-1))
+                metrics["grpo/masked_truncated"] = float(truncated[rows].sum())
+            if all(g.logprobs is not None for g in gens):  # the rollout engine's own log-probs (vLLM)
+                batch = batch.with_(rollout_logprobs=response_values(
+                    [len(g.prompt_ids) for g in gens], [g.logprobs or [] for g in gens], batch.input_ids.shape[1]))
+            elif loss.tis_cap or cfg.grpo.one_step_off:
+                raise ValueError("rollout.tis_cap and grpo.one_step_off need sampling log-probs, and this rollout "
+                                 "engine returns none")
+            if ref is not None:
+                with self.timer.phase("ref"):
+                    batch = batch.with_(ref_logprobs=_get(ref, REF))
+            if len(rows) < len(gens):
+                batch = batch.select(rows)
+            if cfg.grpo.one_step_off and not loss.tis_cap:  # the ratio against the policy that sampled them
+                batch = batch.with_(old_logprobs=batch.rollout_logprobs)
+            elif cfg.train.updates_per_step > 1:  # several updates: the ratio needs the pre-update log-probs
+                with self.timer.phase("old"):
+                    batch = batch.with_(old_logprobs=_get(roles.actor.logprobs.remote(batch, loss.temperature),
+                                                          ACTOR))
+            if roles.ref is not None and batch.ref_logprobs is None:
+                with self.timer.phase("ref"):
+                    batch = batch.with_(ref_logprobs=_get(roles.ref.logprobs.remote(batch, loss.temperature), REF))
+            with self.timer.phase("update"):
+                metrics.update(_get(roles.actor.update.remote(batch, loss), ACTOR))
+        samples = [{"step": step, "id": p.sample.id, "prompt": p.sample.messages[-1]["content"], "response": g.text,
+                    "answer": p.sample.answer, "reward": r.score, "finish_reason": g.finish_reason}
+                   for p, g, r in list(zip(prompts, gens[::n], scored.results[::n]))[:cfg.logging.samples_per_step]]
+        for failure in scored.failures[:3]:
+            print(f"[lingshu] step {step}: reward failed on sample {failure.sample_id}: {failure.kind}: "
+                  f"{failure.message}", flush=True)
+        return metrics, samples, bool(len(rows))
 
 
 def reward_metrics(results: list, rewards: torch.Tensor, reward_names: list[str], gens: list[Generation]
@@ -208,23 +224,23 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
                reward: RewardFn, reward_names: list[str], telemetry: Telemetry, resume: Path | None) -> Path | None:
     """Run (or resume) GRPO for ``cfg.grpo.steps`` steps, scoring with ``reward`` in the scoring actor (what the
     rewards print goes to ``reward_workers.log``); returns the last checkpoint written."""
-    start_step, position, nan_streak = 0, 0, 0
+    start_step, position, nan_streak, policy_version = 0, 0, 0, 0
     actor_path = policy_path
     if resume is not None:
         state = load_checkpoint_state(resume)
         start_step, position, nan_streak = state["step"], state["data_position"], state.get("nan_streak", 0)
+        policy_version = state.get("policy_version", start_step)
         actor_path = str(resume / "model")
         print(f"[lingshu] resuming from {resume} (step {start_step})", flush=True)
     total_updates = cfg.grpo.steps * cfg.train.updates_per_step
     roles = create_roles(cfg, actor_path, policy_path if cfg.grpo.kl_coef > 0 else None, total_updates, reward,
                          (output_dir / "reward_workers.log").resolve())  # the actor may run elsewhere: no relative path
-    pool = roles.reward
-    assert pool is not None  # a reward was given
+    assert roles.reward is not None  # a reward was given
     last_ckpt = resume
+    loop: StepLoop | None = None
     try:
         if resume is not None:
             _get(roles.actor.load_training_state.remote(str(resume)), ACTOR)
-        sampler = EpochSampler(prompts, cfg.seed, cfg.data.shuffle, position)
         loss = GRPOLoss(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef, cfg.grpo.kl_estimator,
                         cfg.grpo.loss_agg, cfg.grpo.entropy_coef, cfg.rollout.temperature, cfg.rollout.tis_cap)
         timer = PhaseTimer()
@@ -232,17 +248,28 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
         start = weights.check()  # the rollout workers loaded the actor's checkpoint themselves: check that too
         print(f"[lingshu] canary before the first step: mean |log-prob difference| "
               f"{start['sync/canary_abs_diff']:.2g}", flush=True)
+        loop = StepLoop(cfg, roles, EpochSampler(prompts, cfg.seed, cfg.data.shuffle, position), loss, reward_names,
+                        pad_id, timer, weights, policy_version)
+        saved = load_generations(resume) if resume is not None else None
+        if saved is not None:  # one-step-off: the rollouts made ahead, trained on as the killed run would have
+            loop.resume_ahead(saved[0]["step"], saved[1], saved[0]["policy_version"])
 
         def checkpoint(step: int) -> Path:
-            state = {"data_position": sampler.position, "nan_streak": nan_streak}
-            return save_checkpoint(output_dir, step, lambda d: _get(roles.actor.save.remote(str(d)), ACTOR), state,
-                                   cfg.checkpoint.keep)
+            assert loop is not None
+            state = {"data_position": loop.data_position(), "nan_streak": nan_streak,
+                     "policy_version": loop.policy_version}
+
+            def write(directory: Path) -> None:
+                _get(roles.actor.save.remote(str(directory)), ACTOR)
+                if loop.ahead is not None:
+                    save_generations(directory, loop.ahead)
+
+            return save_checkpoint(output_dir, step, write, state, cfg.checkpoint.keep)
 
         with _StopFlag() as stop, Progress(total=cfg.grpo.steps - start_step, desc="grpo") as bar:
             for step in range(start_step + 1, cfg.grpo.steps + 1):
                 timer.reset()
-                metrics, samples = grpo_step(step, sampler.next(cfg.grpo.prompts_per_step), roles, pool, cfg, loss,
-                                             reward_names, pad_id, timer, weights)
+                metrics, samples = loop.run(step, cfg.grpo.steps)
                 metrics.update(timer.metrics())
                 nan_streak = nan_streak + 1 if metrics.get("actor/nan_skipped", 0) else 0
                 telemetry.log_step(step, metrics)
@@ -263,6 +290,8 @@ def train_grpo(cfg: RunConfig, output_dir: Path, prompts: list[Prompt], policy_p
     except WeightsOutOfSync as err:
         raise TrainingStopped(f"{err}. Last checkpoint: {last_ckpt or 'none'}") from None
     finally:
+        if loop is not None:
+            loop.close()
         roles.shutdown()
     return last_ckpt
 

@@ -53,6 +53,14 @@ class RewardScorer:
     def score(self, items: Sequence[ScoreItem]) -> ScoredBatch:
         return get_or_die(self.actor.score.remote(list(items)), REWARD)
 
+    def submit(self, items: Sequence[ScoreItem]) -> ray.ObjectRef:
+        """Start scoring ``items`` (the actor scores submissions in order); :meth:`collect` the results."""
+        return self.actor.score.remote(list(items))
+
+    def collect(self, submitted: Sequence[ray.ObjectRef]) -> ScoredBatch:
+        """The scores of consecutive submissions, as one batch."""
+        return ScoredBatch.concat(get_or_die(list(submitted), REWARD))
+
 
 @dataclass
 class Roles:

@@ -19,7 +19,8 @@ from lingshu_rl.data.readers import DataError
 from lingshu_rl.data.sample import Sample
 from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
 from lingshu_rl.grpo.checkpoint import latest_checkpoint
-from lingshu_rl.grpo.controller import Prompt, train_grpo
+from lingshu_rl.grpo.controller import train_grpo
+from lingshu_rl.grpo.rollouts import Prompt
 from lingshu_rl.rewards.base import RewardFn
 from lingshu_rl.sft.stages import run_sft, stage_output
 from lingshu_rl.telemetry import Telemetry, redact

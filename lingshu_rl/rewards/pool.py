@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -59,6 +59,16 @@ class ScoredBatch:
     @property
     def scores(self) -> list[float]:
         return [r.score for r in self.results]
+
+    @staticmethod
+    def concat(parts: Sequence[ScoredBatch]) -> ScoredBatch:
+        """One batch from consecutive parts (the failures' positions shifted to the whole)."""
+        results: list[RewardResult] = []
+        failures: list[Failure] = []
+        for part in parts:
+            failures += [replace(f, index=f.index + len(results)) for f in part.failures]
+            results += part.results
+        return ScoredBatch(results, failures, sum(p.seconds for p in parts))
 
     def stats(self) -> dict[str, float]:
         """Counts for logging: ``reward/failures`` and one ``reward/failures_<kind>`` per kind seen."""

@@ -90,7 +90,8 @@ class TransformersRollout:
         config = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p, top_k=(params.top_k or None) if not greedy else None,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+            max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         stop = GeneratedStopStrings(self.tokenizer, params.stop, width) if params.stop else None
         input_ids = input_ids.to(self.device)
         model: Any = self.model  # generate's typed self (GenerativePreTrainedModel) is not what loading declares

@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # end-of-turn tokens are not sampled before this many tokens
     stop: list[str] = field(default_factory=list)  # stop strings (the end-of-turn token always stops)
     seed: int = 0
 

@@ -204,7 +204,8 @@ class VLLMRollout:
             torch.manual_seed(params.seed)
         requests = [VLLMSamplingParams(
             n=n, temperature=0.0 if greedy else 1.0, top_p=1.0 if greedy else params.top_p,
-            top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+            top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+            stop=list(params.stop) or None,
             stop_token_ids=self.eos_ids, seed=None if self.in_process else rng.getrandbits(31), logprobs=0,
             flat_logprobs=True,  # a few flat lists per response, not a dict and an object per token
             detokenize=bool(params.stop))  # text is decoded below, as the transformers engine does
