@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lingshu_rl.config import load_config
-from lingshu_rl.grpo.placement import PlacementError, check_fits, layout, wait_placed
+from lingshu_rl.grpo.placement import GroupRequest, PlacementError, check_fits, layout, wait_placed
 from lingshu_rl.launch.ray_cluster import free_port
 
 pytestmark = pytest.mark.slow
@@ -101,6 +101,33 @@ def test_tensor_parallel_group_must_fit_on_one_node(two_nodes, tmp_path: Path) -
     assert "CPU: the layout asks" not in message  # 2 CPUs in all: the total fits, one node does not
     assert message.count("node ") >= 3 and "{CPU: 1}" in message  # the head (0 CPUs) and both workers listed
     check_fits(layout(megatron_split(tmp_path, actor_cpus=0.5), with_ref=False))  # half a CPU per rank fits
+
+
+def test_tensor_parallel_replicas_get_a_group_each_and_may_land_on_different_nodes(two_nodes, tmp_path: Path) -> None:
+    """Megatron DP=2 x TP=2 with 0.45 CPU per rank: 1.8 CPUs could not share one 1-CPU node, but each replica's
+    0.9 can, so each replica is its own STRICT_PACK group and the two land on the two nodes."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    cfg = load_config(None, ["train.engine=megatron", "train.tensor_parallel_size=2", "train.data_parallel_size=2",
+                             "cluster.colocate=false", "cluster.actor_cpus=0.45", "cluster.rollout_cpus=0",
+                             "grpo.kl_coef=0", "reward.workers=0"])
+    requests = layout(cfg, with_ref=False)
+    assert [(r.name, r.strategy, len(r.bundles)) for r in requests] == [
+        ("actor replica 0", "STRICT_PACK", 2), ("actor replica 1", "STRICT_PACK", 2), ("rollout", "PACK", 1),
+        ("reward", "PACK", 1)]
+    check_fits(requests)
+    with pytest.raises(PlacementError, match="actor: its 4 ranks"):  # what one group for all four ranks would ask
+        check_fits([GroupRequest("actor", requests[0].bundles * 2, "STRICT_PACK")])
+    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests[:2]]
+    try:
+        wait_placed(groups, requests[:2], timeout_s=60)
+        nodes = [set(placement_group_table(g)["bundles_to_node_id"].values()) for g in groups]
+        assert all(len(n) == 1 for n in nodes) and nodes[0] != nodes[1], nodes
+        assert ray.available_resources().get("CPU", 0) < 0.25  # both replicas hold their 0.9 CPU
+    finally:
+        for group in groups:
+            remove_placement_group(group)
 
 
 def test_role_labels_go_into_each_bundle_and_a_label_no_node_has_names_the_role(two_nodes, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ it): colocated, in the shared bundle with no CPUs of its own; else in a group of
 With ``train.strategy: fsdp2`` (``train.data_parallel_size`` ranks) or ``train.engine: megatron``
 (``train.tensor_parallel_size`` ranks) the actor (and the reference) is a group of rank actors
 (:class:`~lingshu_rl.train.group.PolicyGroup`, driven like one worker): colocated, the ranks split the role's
-share; not colocated, the role's placement group has one ``actor_*``/``ref_*``-sized bundle per rank (give each
-``actor_gpus: 1``), a tensor-parallel group packed STRICT_PACK on one node.
+share; not colocated, one ``actor_*``/``ref_*``-sized bundle per rank (give each ``actor_gpus: 1``): FSDP2's ranks in
+one placement group, which may spread over nodes; megatron's in one STRICT_PACK group per tensor-parallel replica
+(a TP group talks every layer: one node), the replicas free to land on different nodes.
 
 A layout the cluster cannot hold stops before any actor starts (:func:`check_fits`), and a group Ray does not
 place within ``cluster.placement_timeout_s`` stops with the role it waits for: never a silent hang.
@@ -42,6 +43,7 @@ from lingshu_rl.rewards.sandbox import Limits
 from lingshu_rl.train.group import PolicyGroup, group_sizes, is_group, kill_policy, terminate_policy
 
 ACTOR, ROLLOUT, REF, REWARD = "lingshu/actor-0", "lingshu/rollout-{}", "lingshu/ref-0", "lingshu/reward-0"
+ROLES = ("actor", "rollout", "ref", "reward")
 
 
 @dataclass
@@ -109,10 +111,15 @@ class GroupRequest:
     role: str  # "actor", "rollout", "ref", "reward", or "actor+rollout+ref" when colocated
     bundles: list[dict[str, float]]
     strategy: str  # "PACK" or "STRICT_PACK" (all bundles on one node)
+    replica: int | None = None  # megatron's data-parallel replicas: one STRICT_PACK group each
+
+    @property
+    def name(self) -> str:
+        return self.role if self.replica is None else f"{self.role} replica {self.replica}"
 
     def describe(self) -> str:
         kinds = sorted({_fmt(b) for b in self.bundles})
-        return f"{self.role}: {len(self.bundles)} bundle(s) of {' / '.join(kinds)} ({self.strategy})"
+        return f"{self.name}: {len(self.bundles)} bundle(s) of {' / '.join(kinds)} ({self.strategy})"
 
 
 def _fmt(resources: dict[str, float]) -> str:
@@ -138,14 +145,19 @@ def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
             labels.update({k: max(v, labels.get(k, 0.0)) for k, v in extra.items()})
         return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""),
                              [bundle(c.actor_cpus, c.actor_gpus, labels)], "PACK")]
-    ranks = _policy_ranks(cfg)
-    # a tensor-parallel group talks every layer: one node; data-parallel ranks may spread over nodes
-    ranks_strategy = "STRICT_PACK" if group_sizes(cfg.train)[1] > 1 else "PACK"
-    requests = [GroupRequest("actor", [bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)] * ranks, ranks_strategy),
+    dp, tp = group_sizes(cfg.train)
+
+    def policy(role: str, rank: dict[str, float]) -> list[GroupRequest]:
+        # a tensor-parallel group talks every layer: one node per replica; data-parallel ranks may spread over nodes
+        if tp > 1:
+            return [GroupRequest(role, [rank] * tp, "STRICT_PACK", i if dp > 1 else None) for i in range(dp)]
+        return [GroupRequest(role, [rank] * dp, "PACK")]
+
+    requests = [*policy("actor", bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)),
                 GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus, c.rollout_resources)]
                              * cfg.rollout.num_workers, "PACK")]
     if with_ref:
-        requests.append(GroupRequest("ref", [bundle(c.ref_cpus, c.ref_gpus, c.ref_resources)] * ranks, ranks_strategy))
+        requests += policy("ref", bundle(c.ref_cpus, c.ref_gpus, c.ref_resources))
     # the scorer's sandboxed processes are its CPUs; reward.workers=0 scores in the actor itself
     requests.append(GroupRequest("reward", [bundle(cfg.reward.workers, 0, c.reward_resources)], "PACK"))
     return requests
@@ -179,10 +191,10 @@ def check_fits(requests: list[GroupRequest]) -> None:
             problems.append(f"{key}: the layout asks for {amount:g} in all, the cluster has {totals[key]:g}")
     for r in requests:
         if r.strategy == "STRICT_PACK" and not any(_fits(_sum(r.bundles), n) for n in nodes):
-            problems.append(f"{r.role}: its {len(r.bundles)} ranks ({_fmt(_sum(r.bundles))}) must share one node "
+            problems.append(f"{r.name}: its {len(r.bundles)} ranks ({_fmt(_sum(r.bundles))}) must share one node "
                             "(STRICT_PACK) and no node has that much")
         elif unplaceable := [b for b in r.bundles if not any(_fits(b, n) for n in nodes)]:
-            problems.append(f"{r.role}: no node can hold a bundle of {_fmt(unplaceable[0])}")
+            problems.append(f"{r.name}: no node can hold a bundle of {_fmt(unplaceable[0])}")
     if not problems:
         return
     per_node = "\n".join(f"    node {i}: {_fmt({k: n.get(k, 0.0) for k in keys})}" for i, n in enumerate(nodes))
@@ -232,11 +244,13 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
         slots = {"actor": (group, 0, share), "ref": (group, 0, share), "reward": (group, 0, {}),
                  **{f"rollout{i}": (group, 0, share) for i in range(num_rollouts)}}
     else:
-        slots = {"actor": (groups[0], 0, requests[0].bundles[0]),
-                 **{f"rollout{i}": (groups[1], i, requests[1].bundles[i]) for i in range(num_rollouts)},
-                 "reward": (groups[-1], 0, requests[-1].bundles[0])}
+        of_role = {role: [(g, r) for g, r in zip(groups, requests) if r.role == role] for role in ROLES}
+        slots = {"actor": (of_role["actor"][0][0], 0, of_role["actor"][0][1].bundles[0]),
+                 **{f"rollout{i}": (of_role["rollout"][0][0], i, of_role["rollout"][0][1].bundles[i])
+                    for i in range(num_rollouts)},
+                 "reward": (of_role["reward"][0][0], 0, of_role["reward"][0][1].bundles[0])}
         if with_ref:
-            slots["ref"] = (groups[2], 0, requests[2].bundles[0])
+            slots["ref"] = (of_role["ref"][0][0], 0, of_role["ref"][0][1].bundles[0])
 
     def options(slot: str, name: str) -> dict[str, Any]:
         group, index, resources = slots[slot]
@@ -252,8 +266,11 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
             opts = options(slot, name if rank == 0 else f"{name}/rank{rank}")
             if c.colocate:
                 opts.update(num_cpus=opts["num_cpus"] / ranks, num_gpus=opts["num_gpus"] / ranks)
-            else:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(slots[slot][0], rank)
+            else:  # rank r: bundle r of the role's group, or with one group per TP replica, r % tp of group r // tp
+                role_groups = of_role[slot]
+                per_group = len(role_groups[0][1].bundles)
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(role_groups[rank // per_group][0],
+                                                                               rank % per_group)
             return opts
 
         return PolicyGroup.start(rank_options, path, cfg.model, cfg.train, total_steps, trainable, cfg.seed,
