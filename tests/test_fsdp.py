@@ -95,6 +95,13 @@ def test_dp2_grpo_updates_equal_one_process(cluster, tiny: str) -> None:
     group.kill()
 
 
+def test_offload_on_cpu_is_refused_with_a_message(tiny: str) -> None:
+    """train.offload is FSDP2's CPUOffloadPolicy, which needs an accelerator to offload from (on CPU, FSDP2 fails
+    with "Cannot access accelerator device"): a CPU rank says what to change instead."""
+    with pytest.raises(ValueError, match="train.offload keeps FSDP2's shards in host memory between uses of a GPU"):
+        TorchEngine(tiny, ModelConfig(), train_cfg(strategy="fsdp2", offload=True), total_steps=1)
+
+
 def test_dp2_shared_prompts_equal_one_process_without_sharing(cluster, tiny: str) -> None:
     """Ranks that run each prompt once (every layer twice per forward: prompt pass, response pass) against one
     process running every row in full: whole groups dealt to the ranks, the same update."""
