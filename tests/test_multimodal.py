@@ -231,9 +231,10 @@ def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight
 
 
 @pytest.mark.slow
-def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_dir: str, demo) -> None:
-    """The GRPO step never decodes or preprocesses an image in the driver: each prompt's images are prepared once
-    in a Ray task, and a training rank fetches exactly its rows' (the same pixels as preparing them in place)."""
+def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_dir: str, demo, tmp_path) -> None:
+    """The GRPO step never decodes or preprocesses an image in the driver: each prompt's images are prepared once,
+    in one Ray task per rollout worker's share (not a task, and a worker process, per prompt), and a training rank
+    fetches exactly its rows' (the same pixels as preparing them in place)."""
     import os
 
     import ray
@@ -251,15 +252,20 @@ def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_di
 
         def __call__(self, **kwargs):
             assert os.getpid() != driver, "an image was preprocessed in the driver"
+            with open(tmp_path / "pids", "a") as log:
+                log.write(f"{os.getpid()}\n")
             return self.inner(**kwargs)
 
-    samples = demo[0][:3]
+    samples = demo[0][:6]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         refs = prepare_visions([Prompt(s, [], NotInTheDriver(processor)) for s in samples],
                                Roles(None, [None, None], None, []))
         assert all(isinstance(r, ray.ObjectRef) for r in refs)
-        batch = collate([[1, 2, 3]] * 3, [[4, 5]] * 3, pad_id=0).with_(vision_refs=refs)
+        ray.get(refs)
+        pids = (tmp_path / "pids").read_text().split()
+        assert len(pids) == 6 and len(set(pids)) <= 2, pids  # once per prompt, in one process per share
+        batch = collate([[1, 2, 3]] * 6, [[4, 5]] * 6, pad_id=0).with_(vision_refs=refs)
         rows = batch.select(torch.tensor([2, 0]))  # what a data-parallel rank receives
         assert rows.pixel_values is None and len(rows.vision_refs) == 2
         fetched = fetch_images(rows)

@@ -56,8 +56,11 @@ class Rollouts:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _prepare_vision(image_processor: Any, sample: Sample) -> VisionInputs | None:
-    return vision_inputs(image_processor, sample)
+def _prepare_visions(work: list[tuple[Any, Sample]]) -> VisionInputs | None | tuple[VisionInputs | None, ...]:
+    """Several prompts' images in one task (one object each): a task per prompt would start a Ray worker process
+    per prompt (these tasks take no CPUs, so nothing caps how many run at once), each importing torch."""
+    out = tuple(vision_inputs(processor, sample) for processor, sample in work)
+    return out[0] if len(out) == 1 else out
 
 
 def _shares(count: int, workers: int) -> list[slice]:
@@ -67,19 +70,24 @@ def _shares(count: int, workers: int) -> list[slice]:
 
 
 def prepare_visions(prompts: list[Prompt], roles: Roles) -> list[ray.ObjectRef | None]:
-    """Each prompt's images, decoded and preprocessed once per prompt in a Ray task, preferably on the node of the
-    rollout worker whose share the prompt is in; the pixels stay in Ray's object store, where the rollout worker
-    and the training ranks fetch their own rows' (the driver never holds them: a data set's pixels need not fit
-    anywhere)."""
+    """Each prompt's images, decoded and preprocessed once per prompt, in one Ray task per rollout worker's share of
+    the prompts, preferably on that worker's node; each prompt's pixels are an object of their own in Ray's object
+    store, where the rollout worker and the training ranks fetch their own rows' (the driver never holds them: a
+    data set's pixels need not fit anywhere)."""
     nodes = {p.name: p.node_id for p in roles.placed}
     out: list[ray.ObjectRef | None] = [None] * len(prompts)
     for i, part in enumerate(_shares(len(prompts), len(roles.rollouts))):
+        with_images = [j for j in range(len(prompts))[part] if prompts[j].sample.images]
+        if not with_images:
+            continue
         node = nodes.get(ROLLOUT.format(i))
-        task = _prepare_vision.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) \
-            if node else _prepare_vision
-        for j in range(len(prompts))[part]:
-            if prompts[j].sample.images:
-                out[j] = task.remote(prompts[j].image_processor, prompts[j].sample)
+        options: dict[str, Any] = {"num_returns": len(with_images)}
+        if node:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        work = [(prompts[j].image_processor, prompts[j].sample) for j in with_images]
+        refs: Any = _prepare_visions.options(**options).remote(work)
+        for j, ref in zip(with_images, refs if len(with_images) > 1 else [refs]):
+            out[j] = ref
     return out
 
 
