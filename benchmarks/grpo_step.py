@@ -2,11 +2,27 @@
 
     python benchmarks/grpo_step.py                                   # every row, then the table
     python benchmarks/grpo_step.py --rows lingshu-vllm,floor-gen     # some rows
+    python benchmarks/grpo_step.py --size small --rows lingshu-vllm,lingshu-vllm-hybrid,lingshu-transformers,\
+trl,trl-1t,floor-gen,floor-train                                     # a 38M-parameter model, 128-token responses
+    python benchmarks/grpo_step.py --size small --steps 0,1          # smoke run: one measured step per row
 
-One run, same machine, tiny default model, same data and settings for every row: 8 prompts x 8 samples per
-step, up to 32 new tokens, temperature 1.0, one optimiser update per step (lr 1e-6, all 64 sequences in one
-forward/backward), KL coefficient 0.04 (so a reference model runs), reward ``mcq_exact``; the same 88 demo
-prompts in the same order; 3 warm-up steps, then the median of 8 measured steps.
+One run, same machine, same model, data and settings for every row. ``--size tiny`` (the default): the tiny demo
+model (0.9M parameters), 8 prompts x 8 samples per step, up to 32 new tokens, temperature 1.0, one optimiser
+update per step (lr 1e-6, all 64 sequences in one forward/backward), KL coefficient 0.04 (so a reference model
+runs), reward ``mcq_exact``; the same 88 demo prompts in the same order; 3 warm-up steps, then the median of 8
+measured steps; two rounds.
+
+``--size small`` measures the same step where the model's arithmetic, not per-call overhead, sets the time: a
+random-init Qwen2 of 38.3M parameters (hidden 384, 24 layers as Qwen2.5-0.5B, 6 query and 2 key/value heads, MLP
+1024, untied embeddings, the demo tokenizer's 679-token vocabulary, so every sampled token decodes), 2 prompts x 8
+samples per step, every response exactly 128 tokens (lingshu_rl ``rollout.min_new_tokens`` = max, TRL
+``generation_kwargs={"min_new_tokens": 128}``, raw vLLM ``min_tokens``: the end-of-turn token cannot end a
+response early), all 16 sequences in one forward/backward; 2 warm-up steps (lingshu_rl's first two are slower),
+then the median of 5 measured; one round. 16 sequences keep a step at 15-30 s on 2 cores and the seven rows
+of the command above at about 17 minutes; the group size stays 8. Decoding 16 sequences on CPU is compute-bound, and
+generation does a quarter of the arithmetic per token of the update and reference passes (2 FLOPs per
+parameter against 6 + 2), so here training, not generation, is most of lingshu_rl's step (see the phase split).
+Every row records the lengths of the responses it produced (mean/min/max) and the table warns if any differ.
 
 Each row runs in a fresh process at niceness 15, the niceness Ray gives its worker processes (where
 lingshu_rl's work runs), so that on a shared machine every row competes equally with the other load.
@@ -14,9 +30,9 @@ Peak memory: the peak of the summed proportional set size (PSS: each shared page
 the processes sharing it) of that process and all its descendants (for lingshu_rl: Ray's own processes, the
 actor/reference/rollout workers and the reward workers), sampled every 0.2 s, with each process's share at
 that peak; peak RSS (shared pages once per process) beside it.
-The floors: raw vLLM generating the same 64 responses (the same engine settings, no training, no Ray), and one
-forward+backward of the actor model on 64 such sequences. Each row prints the machine's load average when it
-started and ended and how many cores other processes used while it ran; a row that ran loaded is flagged.
+The floors: raw vLLM generating the same responses (the same engine settings, no training, no Ray), and one
+forward+backward of the actor model on the last step's sequences. Each row prints the machine's load average
+when it started and ended and how many cores other processes used while it ran; a row that ran loaded is flagged.
 """
 
 from __future__ import annotations
@@ -31,17 +47,44 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-PROMPTS, N, MAX_NEW, TEMPERATURE, KL, LR = 8, 8, 32, 1.0, 0.04, 1e-6
-WARMUP, MEASURED = 3, 8  # Ray's own start-up work (workers, agents) goes on for some seconds after ray.init
+from grpo_sizes import (
+    SIZES,
+    Size,
+    build_model,
+    describe_model,
+    length_stats,
+    merge_lengths,
+    model_dir,
+    print_lengths,
+    step_lengths,
+)
+
+TEMPERATURE, KL, LR = 1.0, 0.04, 1e-6
 RAY_WORKER_NICENESS = 15  # Ray runs its workers at this niceness; every row runs at it (see the module docstring)
-STEPS = WARMUP + MEASURED
-OVERRIDES = [f"rollout.n={N}", f"rollout.temperature={TEMPERATURE}", f"rollout.max_new_tokens={MAX_NEW}",
-             f"grpo.prompts_per_step={PROMPTS}", f"grpo.kl_coef={KL}", "train.updates_per_step=1",
-             f"train.micro_batch_size={PROMPTS * N}", f"train.lr={LR}", "cluster.include_dashboard=false",
-             "logging.wandb.mode=disabled"]
+
+
+# the size of this run (use_size sets them before any row runs, in the driver and in each row's process)
+SIZE = SIZES["tiny"]
+PROMPTS = N = MAX_NEW = WARMUP = MEASURED = STEPS = 0
+OVERRIDES: list[str] = []
+
+
+def use_size(size: Size) -> None:
+    global SIZE, PROMPTS, N, MAX_NEW, WARMUP, MEASURED, STEPS, OVERRIDES
+    SIZE, PROMPTS, N, MAX_NEW = size, size.prompts, size.n, size.max_new
+    WARMUP, MEASURED, STEPS = size.warmup, size.measured, size.warmup + size.measured
+    OVERRIDES = [f"rollout.n={N}", f"rollout.temperature={TEMPERATURE}", f"rollout.max_new_tokens={MAX_NEW}",
+                 *([f"rollout.min_new_tokens={size.min_new}"] if size.min_new else []),
+                 f"grpo.prompts_per_step={PROMPTS}", f"grpo.kl_coef={KL}", "train.updates_per_step=1",
+                 f"train.micro_batch_size={PROMPTS * N}", f"train.lr={LR}", "cluster.include_dashboard=false",
+                 "logging.wandb.mode=disabled"]
+
+
+use_size(SIZE)
 
 
 # ---- measurement helpers ---------------------------------------------------------------------------------------
@@ -113,17 +156,16 @@ def _process_name(proc: Any) -> str:
     return title.split(" ")[0] if title.startswith("ray::") else Path(title).name
 
 
-def tiny_model() -> tuple[str, Any]:
+def bench_model(workdir: Path) -> tuple[str, Any]:
+    """The run's model directory and its tokenizer, in a row's process."""
     from transformers import AutoTokenizer
 
-    from lingshu_rl.models.tiny import build_tiny_model
-
-    path = str(build_tiny_model())
+    path = model_dir(SIZE, workdir)
     return path, AutoTokenizer.from_pretrained(path)
 
 
 def step_samples() -> list[list[Any]]:
-    """The 88 demo prompts of the run, 8 per step, the same for every row."""
+    """The run's demo prompts (tiny: 88, 8 per step), the same for every row."""
     from lingshu_rl.data.demo import make_demo_dataset
 
     samples = make_demo_dataset(seed=0)[0][:PROMPTS * STEPS]
@@ -140,25 +182,37 @@ def result(step_s: list[float], memory: ProcessTreeMonitor, **extra: Any) -> dic
 
 # ---- rows ------------------------------------------------------------------------------------------------------
 
-def row_lingshu(engine: str, workdir: Path, hybrid: bool = False) -> dict[str, Any]:
-    """The GRPO controller's own step (``grpo_step``) on a local Ray cluster, as ``train_grpo`` runs it; ``hybrid``:
-    actor, reference and rollout engine in one process (``cluster.hybrid``)."""
+def row_lingshu(engine: str, workdir: Path, hybrid: bool = False, one_step_off: bool = False) -> dict[str, Any]:
+    """The GRPO controller's own steps (``StepLoop``) on a local Ray cluster, as ``train_grpo`` runs them;
+    ``hybrid``: actor, reference and rollout engine in one process (``cluster.hybrid``); ``one_step_off``: the next
+    step generates while this one scores and updates (``grpo.one_step_off``)."""
     import ray
 
     from lingshu_rl.config import load_config
     from lingshu_rl.data.chat import encode_prompt
-    from lingshu_rl.grpo.controller import Prompt, grpo_step
+    from lingshu_rl.data.sampler import EpochSampler
+    from lingshu_rl.grpo import controller
+    from lingshu_rl.grpo.controller import StepLoop
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.grpo.placement import create_roles
+    from lingshu_rl.grpo.rollouts import Prompt
     from lingshu_rl.grpo.sync import WeightSync
     from lingshu_rl.launch.ray_cluster import start_ray
     from lingshu_rl.rewards.combine import build_reward, specs_from_config
     from lingshu_rl.telemetry import PhaseTimer
 
+    lengths, reward_metrics = [], controller.reward_metrics
+
+    def recording_lengths(results, rewards, reward_names, gens):  # each step's responses, as the step trains them
+        lengths.append(step_lengths([len(g.response_ids) for g in gens]))
+        return reward_metrics(results, rewards, reward_names, gens)
+
+    controller.reward_metrics = recording_lengths
     with ProcessTreeMonitor() as memory:
-        cfg = load_config(None, [f"rollout.engine={engine}", f"cluster.hybrid={hybrid}", *OVERRIDES])
-        path, tokenizer = tiny_model()
-        steps = [[Prompt(s, encode_prompt(tokenizer, s)) for s in batch] for batch in step_samples()]
+        cfg = load_config(None, [f"rollout.engine={engine}", f"cluster.hybrid={hybrid}",
+                                 f"grpo.one_step_off={one_step_off}", *OVERRIDES])
+        path, tokenizer = bench_model(workdir)
+        prompts = [Prompt(s, encode_prompt(tokenizer, s)) for batch in step_samples() for s in batch]
         start_ray(cfg.cluster, namespace=f"bench-{os.getpid()}")
         roles = create_roles(cfg, path, path, STEPS, build_reward(specs_from_config(["mcq_exact"])),
                              workdir / "reward_workers.log")
@@ -166,20 +220,22 @@ def row_lingshu(engine: str, workdir: Path, hybrid: bool = False) -> dict[str, A
         loss = GRPOLoss(g.clip_low, g.clip_high, g.kl_coef, g.kl_estimator, g.loss_agg, g.entropy_coef,
                         cfg.rollout.temperature, cfg.rollout.tis_cap)
         step_s, phases, timer = [], [], PhaseTimer()
+        loop = None
         try:
-            weights = WeightSync(roles, cfg, path)
-            assert roles.reward is not None
-            for step, prompts in enumerate(steps, start=1):
+            loop = StepLoop(cfg, roles, EpochSampler(prompts, 0, shuffle=False), loss, ["mcq_exact"],
+                            tokenizer.pad_token_id, timer, WeightSync(roles, cfg, path))
+            for step in range(1, STEPS + 1):
                 timer.reset()
-                metrics, _ = grpo_step(step, prompts, roles, roles.reward, cfg, loss, ["mcq_exact"],
-                                       tokenizer.pad_token_id, timer, weights)
+                metrics, _ = loop.run(step, STEPS)
                 timing = timer.metrics()
                 step_s.append(timing["timing/step_s"])
                 phases.append({**timing, "logprob_abs_diff": metrics.get("rollout/logprob_abs_diff")})
         finally:
+            if loop is not None:
+                loop.close()
             roles.shutdown()
             ray.shutdown()
-    return result(step_s, memory, phases=phases)
+    return result(step_s, memory, phases=phases, **length_stats(lengths, STEPS * PROMPTS * N))
 
 
 def row_trl(use_vllm: bool, workdir: Path) -> dict[str, Any]:
@@ -195,6 +251,7 @@ def row_trl(use_vllm: bool, workdir: Path) -> dict[str, Any]:
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.marks: list[float] = []
+            self.lengths: list[tuple[float, int, int]] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if not self.marks:
@@ -203,8 +260,12 @@ def row_trl(use_vllm: bool, workdir: Path) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
 
+        def on_log(self, args, state, control, logs=None, **kwargs):  # one generation per step, logged each step
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(tuple(logs[f"completions/{k}_length"] for k in ("mean", "min", "max")))
+
     with ProcessTreeMonitor() as memory:
-        path, tokenizer = tiny_model()
+        path, tokenizer = bench_model(workdir)
         samples = [s for batch in step_samples() for s in batch]
         by_id = {s.id: s for s in samples}
         mcq = build_reward(specs_from_config(["mcq_exact"]))
@@ -222,40 +283,47 @@ def row_trl(use_vllm: bool, workdir: Path) -> dict[str, Any]:
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, bf16=False,
             model_init_kwargs={"dtype": torch.float32}, dataloader_num_workers=0,
             gradient_checkpointing=False,  # TRL's GRPO default is True; lingshu_rl does not recompute activations
-            **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}))
+            **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}),
+            # the end-of-turn token masked before min_new tokens: GenerationConfig's / vLLM SamplingParams' name
+            **({"generation_kwargs": {"min_tokens" if use_vllm else "min_new_tokens": SIZE.min_new}}
+               if SIZE.min_new else {}))
         clock = StepClock()
         trainer = GRPOTrainer(model=path, reward_funcs=[mcq_exact], args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[clock])
         trainer.train()
-    return result([b - a for a, b in zip(clock.marks, clock.marks[1:])], memory)
+    return result([b - a for a, b in zip(clock.marks, clock.marks[1:])], memory,
+                  **length_stats(clock.lengths, STEPS * PROMPTS * N))
 
 
 def row_floor_gen(workdir: Path) -> dict[str, Any]:
-    """Raw ``vllm.LLM.generate`` (n=8, temperature 1, <= 32 tokens) with the engine lingshu_rl builds; saves the
-    last step's 64 sequences for the training floor."""
+    """Raw ``vllm.LLM.generate`` (the run's n, temperature and lengths) with the engine lingshu_rl builds; saves the
+    last step's sequences for the training floor."""
     import vllm
 
     from lingshu_rl.data.chat import encode_prompt
     from lingshu_rl.rollout.vllm_engine import VLLMRollout
 
     with ProcessTreeMonitor() as memory:
-        path, tokenizer = tiny_model()
+        path, tokenizer = bench_model(workdir)
         engine = VLLMRollout(path, tokenizer)
-        params = vllm.SamplingParams(n=N, temperature=TEMPERATURE, max_tokens=MAX_NEW, stop_token_ids=engine.eos_ids)
-        step_s, sequences = [], []
+        params = vllm.SamplingParams(n=N, temperature=TEMPERATURE, max_tokens=MAX_NEW, min_tokens=SIZE.min_new,
+                                     stop_token_ids=engine.eos_ids)
+        step_s, sequences, lengths = [], [], []
         for batch in step_samples():
             prompts = [encode_prompt(tokenizer, s) for s in batch]
             start = time.perf_counter()
             outputs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             step_s.append(time.perf_counter() - start)
             sequences = [[p, list(o.token_ids)] for p, out in zip(prompts, outputs) for o in out.outputs]
+            lengths.append(step_lengths([len(r) for _, r in sequences]))
     (workdir / "sequences.json").write_text(json.dumps(sequences))
     tokens = sum(len(r) for _, r in sequences)
-    return result(step_s, memory, tokens_last_step=tokens)
+    return result(step_s, memory, tokens_last_step=tokens, **length_stats(lengths, STEPS * PROMPTS * N))
 
 
 def row_floor_train(workdir: Path) -> dict[str, Any]:
-    """One forward+backward of the actor model on the 64 sequences of ``floor-gen`` (no optimiser, no Ray)."""
+    """One forward+backward of the actor model on the last step's sequences of ``floor-gen`` (no optimiser, no
+    Ray)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -263,7 +331,7 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
     from lingshu_rl.train.logprob import token_logprobs
 
     with ProcessTreeMonitor() as memory:
-        path, tokenizer = tiny_model()
+        path, tokenizer = bench_model(workdir)
         sequences = json.loads((workdir / "sequences.json").read_text())
         batch = collate([p for p, _ in sequences], [r for _, r in sequences], tokenizer.pad_token_id)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -279,7 +347,7 @@ def row_floor_train(workdir: Path) -> dict[str, Any]:
             (-(logprobs * batch.response_mask).sum() / batch.response_mask.sum()).backward()
             model.zero_grad(set_to_none=True)
             step_s.append(time.perf_counter() - start)
-    return result(step_s, memory)
+    return result(step_s, memory, **length_stats([step_lengths([len(r) for _, r in sequences])], len(sequences)))
 
 
 # name: (label, row, extra environment). Ray starts worker processes with OMP_NUM_THREADS=1 and lingshu_rl then
@@ -290,15 +358,21 @@ ROWS: dict[str, tuple[str, Callable[[Path], dict[str, Any]], dict[str, str]]] = 
     "lingshu-vllm": ("lingshu_rl + vLLM rollout", lambda w: row_lingshu("vllm", w), {}),
     "lingshu-vllm-hybrid": ("lingshu_rl + vLLM, cluster.hybrid (one process)", lambda w: row_lingshu("vllm", w, True),
                             {}),
+    "lingshu-vllm-overlap": ("lingshu_rl + vLLM, grpo.one_step_off", lambda w: row_lingshu("vllm", w, False, True),
+                             {}),
     "trl": ("TRL GRPOTrainer (CPU, transformers generate)", lambda w: row_trl(False, w), {}),
     "trl-1t": ("TRL GRPOTrainer (CPU), OMP_NUM_THREADS=1", lambda w: row_trl(False, w), {"OMP_NUM_THREADS": "1"}),
     "trl-vllm": ("TRL GRPOTrainer + vLLM colocate (CPU)", lambda w: row_trl(True, w), {}),
-    "floor-gen": ("floor: vLLM alone, 64 responses", row_floor_gen, {"OMP_NUM_THREADS": "1"}),
-    "floor-train": ("floor: actor forward+backward, 64 seqs", row_floor_train, {}),
+    "floor-gen": ("floor: vLLM alone, {seqs} responses", row_floor_gen, {"OMP_NUM_THREADS": "1"}),
+    "floor-train": ("floor: actor forward+backward, {seqs} seqs", row_floor_train, {}),
 }
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------
+
+def label(name: str) -> str:
+    return ROWS[name][0].format(seqs=PROMPTS * N)
+
 
 def run_row(name: str, workdir: Path, timeout_s: float) -> dict[str, Any]:
     """Run one row in a fresh process; a failure becomes the row's ``error`` (its last output lines)."""
@@ -308,7 +382,8 @@ def run_row(name: str, workdir: Path, timeout_s: float) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", **ROWS[name][2]}
     with open(log, "w") as sink:
         try:
-            proc = subprocess.run([sys.executable, __file__, "--row", name, "--workdir", str(workdir)], env=env,
+            proc = subprocess.run([sys.executable, __file__, "--row", name, "--workdir", str(workdir), "--size",
+                                   SIZE.name, "--steps", f"{WARMUP},{MEASURED}"], env=env,
                                   stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s)
             code = proc.returncode
         except subprocess.TimeoutExpired:
@@ -330,31 +405,33 @@ def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "at_peak_mb": max(done, key=lambda r: r["peak_pss_mb"])["at_peak_mb"],
             "other_cores": max(r["other_cores"] for r in done), "steal_cores": max(r["steal_cores"] for r in done),
             "load": (runs[0]["load"][0], runs[-1]["load"][1]), "rounds": len(done),
-            "phases": [p for r in done for p in r.get("phases", [])[WARMUP:]] if "phases" in done[0] else None}
+            "phases": [p for r in done for p in r.get("phases", [])[WARMUP:]] if "phases" in done[0] else None,
+            "lengths": merge_lengths([r["lengths"] for r in done])}
 
 
 LOADED_CORES = 0.2  # other processes using more than this many cores while a row ran: the row ran loaded
 
 
-def print_table(results: dict[str, dict[str, Any]]) -> None:
+def print_table(results: dict[str, dict[str, Any]], model: str) -> None:
     trl_rows = {n: r["median_s"] for n, r in results.items() if n.startswith("trl") and "median_s" in r}
     best_trl = min(trl_rows.values()) if trl_rows else None
-    print(f"\nGRPO step: {PROMPTS} prompts x {N} samples, <= {MAX_NEW} new tokens, T={TEMPERATURE}, KL {KL}, "
+    new = f"<= {MAX_NEW}" if SIZE.min_new == 0 else f"exactly {MAX_NEW}" if SIZE.min_new == MAX_NEW \
+        else f"{SIZE.min_new}-{MAX_NEW}"
+    print(f"\nGRPO step: {PROMPTS} prompts x {N} samples, {new} new tokens, T={TEMPERATURE}, KL {KL}, "
           f"1 update/step; per round {WARMUP} warm-up steps, then {MEASURED} measured; medians over the rounds; "
-          f"{os.cpu_count()} CPU cores\n")
+          f"{os.cpu_count()} CPU cores\nmodel ({SIZE.name}): {model}\n")
     print(f"| {'row':<46} | {'median s/step':>13} | {'min s/step':>10} | {'peak PSS MB':>11} | {'peak RSS MB':>11} "
           f"| {'x best TRL':>10} | {'load avg':>9} | {'other cores':>11} | {'steal cores':>11} |")
     print(f"|{'-' * 48}|{'-' * 14}:|{'-' * 11}:|{'-' * 12}:|{'-' * 12}:|{'-' * 11}:|{'-' * 10}:|{'-' * 12}:"
           f"|{'-' * 12}:|")
     for name, r in results.items():
-        label = ROWS[name][0]
         load = "{:.1f}-{:.1f}".format(*r["load"])
         if "error" in r:
-            print(f"| {label:<46} | {'did not run':>13} | {'':>10} | {'':>11} | {'':>11} | {'':>10} | {load:>9} "
+            print(f"| {label(name):<46} | {'did not run':>13} | {'':>10} | {'':>11} | {'':>11} | {'':>10} | {load:>9} "
                   f"| {'':>11} | {'':>11} |")
             continue
         ratio = f"{r['median_s'] / best_trl:.2f}" if best_trl else "n/a"
-        print(f"| {label:<46} | {r['median_s']:>13.3f} | {r['min_s']:>10.3f} | {r['peak_pss_mb']:>11,.0f} "
+        print(f"| {label(name):<46} | {r['median_s']:>13.3f} | {r['min_s']:>10.3f} | {r['peak_pss_mb']:>11,.0f} "
               f"| {r['peak_rss_mb']:>11,.0f} | {ratio:>10} | {load:>9} | {r['other_cores']:>11.2f} "
               f"| {r['steal_cores']:>11.2f} |")
     loaded = [n for n, r in results.items() if r.get("other_cores", 0.0) + r.get("steal_cores", 0.0) > LOADED_CORES]
@@ -362,9 +439,10 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         print(f"\nWARNING: ran loaded (other processes or the host took more than {LOADED_CORES} cores meanwhile): "
               + ", ".join(f"{n} ({results[n]['other_cores'] + results[n]['steal_cores']:.2f})" for n in loaded)
               + ". Compare with care.")
+    print_lengths(SIZE, {label(n): r["lengths"] for n, r in results.items() if "error" not in r})
     for name, r in results.items():
         if "error" in r:
-            print(f"\n{ROWS[name][0]} did not run: {r['error']}")
+            print(f"\n{label(name)} did not run: {r['error']}")
     for name, r in results.items():
         if not r.get("phases"):
             continue
@@ -374,7 +452,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             p["timing/other_s"] = p["timing/step_s"] - sum(p.get(k, 0.0) for k in keys)
         parts = {k[len("timing/"):-2]: statistics.median(p.get(k, 0.0) for p in measured)
                  for k in [*keys, "timing/other_s"]}
-        print(f"\n{ROWS[name][0]}, median seconds per phase: "
+        print(f"\n{label(name)}, median seconds per phase: "
               + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
         diff = [p["logprob_abs_diff"] for p in measured if p.get("logprob_abs_diff") is not None]
         if diff:
@@ -392,10 +470,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--timeout-s", type=float, default=1200, help="per row")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every row, interleaved; medians over all")
+    parser.add_argument("--size", choices=list(SIZES), default="tiny", help="model and batch (module docstring)")
+    parser.add_argument("--rounds", type=int, help="runs of every row, interleaved; medians over all (default: "
+                        + ", ".join(f"{k} {v.rounds}" for k, v in SIZES.items()) + ")")
+    parser.add_argument("--steps", help="WARMUP,MEASURED steps per row and round (default: "
+                        + ", ".join(f"{k} {v.warmup},{v.measured}" for k, v in SIZES.items())
+                        + "); e.g. 0,1 for a smoke run")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    size = SIZES[args.size]
+    if args.steps:
+        warmup, measured = (int(x) for x in args.steps.split(","))
+        if warmup < 0 or measured < 1:
+            parser.error("--steps: WARMUP >= 0, MEASURED >= 1")
+        size = replace(size, warmup=warmup, measured=measured)
+    use_size(size)
     if args.row:
         os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -410,14 +500,17 @@ def main() -> int:
         names.insert(names.index("floor-train"), "floor-gen")  # the training floor uses its sequences
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
-        for round_ in range(1, args.rounds + 1):  # rows interleaved: a slow spell of the machine hits them all
+        model = describe_model(SIZE, build_model(SIZE, Path(tmp)))
+        print(f"[bench] size {SIZE.name}: {model}", flush=True)
+        rounds = args.rounds or SIZE.rounds
+        for round_ in range(1, rounds + 1):  # rows interleaved: a slow spell of the machine hits them all
             for name in names:
                 print(f"[bench] round {round_}: {name} ...", flush=True)
                 r = run_row(name, Path(tmp), args.timeout_s)
                 runs[name].append(r)
                 steps = r["error"] if "error" in r else f"steps {[round(s, 2) for s in r['step_s']]}"
                 print(f"[bench] round {round_}: {name}: {steps}", flush=True)
-    print_table({name: merge_rounds(rows) for name, rows in runs.items()})
+    print_table({name: merge_rounds(rows) for name, rows in runs.items()}, model)
     return 0
 
 

@@ -54,6 +54,18 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def kill_after_first_checkpoint(proc: subprocess.Popen, out_dir: Path) -> None:
+    """SIGKILL the run as soon as its step-2 checkpoint is complete."""
+    deadline = time.time() + 600
+    while not (out_dir / "checkpoints" / "step_000002").is_dir():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("run ended before its first checkpoint:\n" + proc.communicate()[0][-4000:])
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def without_timing(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("timing/")}
 
@@ -104,15 +116,7 @@ def test_grpo_end_to_end(reference_run: tuple[Path, str]) -> None:
 def test_resume_after_sigkill_reproduces_metrics(workdir: Path, reward: str,
                                                  reference_run: tuple[Path, str]) -> None:
     out_dir = workdir / "killed"
-    proc = launch(out_dir, reward=reward, start_new_session=False)
-    deadline = time.time() + 600
-    while not (out_dir / "checkpoints" / "step_000002").is_dir():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("run ended before its first checkpoint:\n" + proc.communicate()[0][-4000:])
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(launch(out_dir, reward=reward, start_new_session=False), out_dir)
     resumed = finish(launch(out_dir, "--resume", "auto", reward=reward))
     assert "resuming from" in resumed and "step_000002" in resumed
     reference = {r["step"]: without_timing(r) for r in rows(reference_run[0] / "metrics.jsonl")}
@@ -174,15 +178,7 @@ def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path) -> 
     assert json.loads((ckpt / "rollouts.json").read_text())["step"] == 3
     assert not (full_dir / "checkpoints" / "step_000004" / "rollouts.json").exists()  # the last step makes none
 
-    proc = launch(killed_dir, *overlap, reward="mcq_exact")
-    deadline = time.time() + 600
-    while not (killed_dir / "checkpoints" / "step_000002").is_dir():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("run ended before its first checkpoint:\n" + proc.communicate()[0][-4000:])
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(launch(killed_dir, *overlap, reward="mcq_exact"), killed_dir)
     finish(launch(killed_dir, *overlap, "--resume", "auto", reward="mcq_exact"))
     resumed = {r["step"]: without_timing(r) for r in rows(killed_dir / "metrics.jsonl")}
     assert sorted(resumed) == [1, 2, 3, 4]

@@ -54,6 +54,12 @@ def test_loss_logs_mismatch_and_applies_truncated_importance_sampling():
     assert tis["rollout/tis_weight_mean"].item() == pytest.approx(sum(weights) / 2)
     loss.backward()  # the weights are constants: d loss / d logp_t = -A * w_t / num_tokens
     assert logprobs.grad.tolist()[0][1:] == pytest.approx([-w / 2 for w in weights])
+    # grpo.one_step_off: the ratio against the sampler's log-probs (clipped), the mismatch still current vs sampler
+    _, stale = GRPOLoss()(logprobs, None, batch.with_(old_logprobs=batch.rollout_logprobs), num_tokens=2.0,
+                          num_seqs=1.0)
+    assert stale["rollout/logprob_abs_diff"].item() == pytest.approx((0.5 + 0.8) / 2)
+    ratios = [torch.tensor(0.5).exp().item(), torch.tensor(-0.8).exp().item()]  # 1.65 -> clipped to 1.2; 0.45
+    assert stale["actor/pg_loss"].item() == pytest.approx(-(1.2 + ratios[1]) / 2)
 
 
 def test_rollout_engine_settings_are_validated():

@@ -2,13 +2,15 @@
 
     for each step:
         prompts  <- next batch                         (resumable sampler)
-        rollouts <- rollout workers generate n each    (gen)
+        rollouts <- rollout workers generate n each    (gen: dealt by load; each chunk scored as it arrives)
         rewards  <- scoring pool                       (score: parallel, timeouts, failures isolated)
         advantages <- group-normalised rewards
-        ref log-probs <- reference worker              (ref: only when kl_coef > 0)
+        ref log-probs <- reference worker              (ref: beside the scoring; only when kl_coef > 0)
         actor update: PPO-clip + KL, micro-batched      (update)
         new weights -> rollout workers, canary checked  (sync)
         metrics; checkpoint every k steps
+
+With ``grpo.one_step_off`` the next step's rollouts generate while this step scores and updates (StepLoop).
 """
 
 from __future__ import annotations

@@ -50,10 +50,12 @@ class GRPOLoss:
         pg_per_token, clipped = clipped_policy_loss(logprobs, old, batch.advantages, self.clip_low, self.clip_high)
         metrics = {"actor/clipfrac": agg(clipped.float(), "token-mean"), "actor/logprob_mean": agg(old, "token-mean")}
         if batch.rollout_logprobs is not None:  # [N, T] behaviour log-probs from the rollout engine
-            train_minus_rollout = old - batch.rollout_logprobs.to(old.device)
-            metrics["rollout/logprob_abs_diff"] = agg(train_minus_rollout.abs(), "token-mean")
+            rollout = batch.rollout_logprobs.to(old.device)
+            # the trainer's current log-probs against the sampler's: the engines' mismatch (and, with
+            # grpo.one_step_off, where old is the sampler's own, the one step of staleness)
+            metrics["rollout/logprob_abs_diff"] = agg((logprobs.detach() - rollout).abs(), "token-mean")
             if self.tis_cap > 0:
-                weight = train_minus_rollout.clamp(max=20.0).exp().clamp(max=self.tis_cap)
+                weight = (old - rollout).clamp(max=20.0).exp().clamp(max=self.tis_cap)
                 pg_per_token = pg_per_token * weight
                 metrics["rollout/tis_weight_mean"] = agg(weight, "token-mean")
         pg_loss = agg(pg_per_token)
