@@ -191,7 +191,6 @@ def row_lingshu(engine: str, workdir: Path, hybrid: bool = False, one_step_off: 
     from lingshu_rl.config import load_config
     from lingshu_rl.data.chat import encode_prompt
     from lingshu_rl.data.sampler import EpochSampler
-    from lingshu_rl.grpo import controller
     from lingshu_rl.grpo.controller import StepLoop
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.grpo.placement import create_roles
@@ -201,13 +200,7 @@ def row_lingshu(engine: str, workdir: Path, hybrid: bool = False, one_step_off: 
     from lingshu_rl.rewards.combine import build_reward, specs_from_config
     from lingshu_rl.telemetry import PhaseTimer
 
-    lengths, reward_metrics = [], controller.reward_metrics
-
-    def recording_lengths(results, rewards, reward_names, gens):  # each step's responses, as the step trains them
-        lengths.append(step_lengths([len(g.response_ids) for g in gens]))
-        return reward_metrics(results, rewards, reward_names, gens)
-
-    controller.reward_metrics = recording_lengths
+    lengths = []  # each step's (mean, min, max) response length, from its metrics
     with ProcessTreeMonitor() as memory:
         cfg = load_config(None, [f"rollout.engine={engine}", f"cluster.hybrid={hybrid}",
                                  f"grpo.one_step_off={one_step_off}", *OVERRIDES])
@@ -227,6 +220,7 @@ def row_lingshu(engine: str, workdir: Path, hybrid: bool = False, one_step_off: 
             for step in range(1, STEPS + 1):
                 timer.reset()
                 metrics, _ = loop.run(step, STEPS)
+                lengths.append(tuple(metrics[f"response/length_{k}"] for k in ("mean", "min", "max")))
                 timing = timer.metrics()
                 step_s.append(timing["timing/step_s"])
                 phases.append({**timing, "logprob_abs_diff": metrics.get("rollout/logprob_abs_diff")})

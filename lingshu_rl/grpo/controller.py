@@ -153,10 +153,7 @@ class StepLoop:
             elif loss.tis_cap or cfg.grpo.one_step_off:
                 raise ValueError("rollout.tis_cap and grpo.one_step_off need sampling log-probs, and this rollout "
                                  "engine returns none")
-            if ref is not None:
-                with self.timer.phase("ref"):
-                    batch = batch.with_(ref_logprobs=_get(ref, REF))
-            if len(rows) < len(gens):
+            if len(rows) < len(gens):  # dynamic sampling dropped groups (the reference pass waited for it)
                 batch = batch.select(rows)
             if cfg.grpo.one_step_off and not loss.tis_cap:  # the ratio against the policy that sampled them
                 batch = batch.with_(old_logprobs=batch.rollout_logprobs)
@@ -164,9 +161,11 @@ class StepLoop:
                 with self.timer.phase("old"):
                     batch = batch.with_(old_logprobs=_get(roles.actor.logprobs.remote(batch, loss.temperature),
                                                           ACTOR))
-            if roles.ref is not None and batch.ref_logprobs is None:
+            if roles.ref is not None:
                 with self.timer.phase("ref"):
-                    batch = batch.with_(ref_logprobs=_get(roles.ref.logprobs.remote(batch, loss.temperature), REF))
+                    if ref is None:  # not started beside the scoring (dynamic sampling)
+                        ref = roles.ref.logprobs.remote(batch, loss.temperature)
+                    batch = batch.with_(ref_logprobs=_get(ref, REF))
             with self.timer.phase("update"):
                 metrics.update(_get(roles.actor.update.remote(batch, loss), ACTOR))
         samples = [{"step": step, "id": p.sample.id, "prompt": p.sample.messages[-1]["content"], "response": g.text,
@@ -193,7 +192,8 @@ def reward_metrics(results: list, rewards: torch.Tensor, reward_names: list[str]
             sums[key] += value
     metrics.update({f"reward/{key}": value / len(details) for key, value in sums.items() if key != "failed"})
     lengths = torch.tensor([len(g.response_ids) for g in gens], dtype=torch.float32)
-    metrics.update({"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+    metrics.update({"response/length_mean": float(lengths.mean()), "response/length_min": float(lengths.min()),
+                    "response/length_max": float(lengths.max()),
                     "response/truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens)})
     return metrics
 

@@ -48,12 +48,10 @@ ROLES = ("actor", "rollout", "ref", "reward")
 
 @dataclass
 class RewardScorer:
-    """The driver's handle on the scoring actor, with :meth:`RewardPool.score`."""
+    """The driver's handle on the scoring actor (:meth:`RewardPool.score` in its process): chunks submitted as
+    they are generated, collected as one batch."""
 
     actor: Any  # RewardActor handle
-
-    def score(self, items: Sequence[ScoreItem]) -> ScoredBatch:
-        return get_or_die(self.actor.score.remote(list(items)), REWARD)
 
     def submit(self, items: Sequence[ScoreItem]) -> ray.ObjectRef:
         """Start scoring ``items`` (the actor scores submissions in order); :meth:`collect` the results."""

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import cloudpickle
 
@@ -75,12 +75,6 @@ class ScoredBatch:
         counts = Counter(f.kind for f in self.failures)
         return {"reward/failures": float(len(self.failures)),
                 **{f"reward/failures_{k}": float(v) for k, v in counts.items()}}
-
-
-class Scorer(Protocol):
-    """What the training loop scores with: a :class:`RewardPool`, or the driver's handle on the scoring actor."""
-
-    def score(self, items: Sequence[ScoreItem]) -> ScoredBatch: ...
 
 
 def score_one(fn: RewardFn, item: ScoreItem) -> tuple[str, Any]:
