@@ -77,6 +77,7 @@ class TrainConfig:
     logprob_chunk: int = 1024  # response positions whose logits are formed at once (memory: chunk x vocab)
     tensor_parallel_size: int = 1  # megatron engine: ranks (Ray actors, one GPU each) sharing the model
     pipeline_parallel_size: int = 1  # megatron engine: only 1 is supported for now
+    sequence_parallel: bool = False  # megatron engine, TP > 1: norms and residuals split along the sequence
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -383,6 +384,9 @@ def validate(config: RunConfig) -> None:
         (config.train.pipeline_parallel_size == 1, "train.pipeline_parallel_size: only 1 is supported"),
         (config.train.engine == "megatron" or config.train.tensor_parallel_size == 1,
          "train.tensor_parallel_size > 1 needs train.engine=megatron"),
+        (not config.train.sequence_parallel or (config.train.engine == "megatron"
+                                                and config.train.tensor_parallel_size > 1),
+         "train.sequence_parallel needs train.engine=megatron and train.tensor_parallel_size > 1"),
         (config.train.data_parallel_size >= 1, "train.data_parallel_size must be >= 1"),
         (config.train.strategy == "none" or config.train.engine == "torch",
          "train.strategy=fsdp2 is the torch engine's (megatron shards by train.tensor_parallel_size)"),

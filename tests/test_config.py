@@ -50,6 +50,8 @@ def test_errors_name_the_key(override: str, message: str) -> None:
     (["grpo.one_step_off=true", "rollout.engine=transformers"], "grpo.one_step_off needs the rollout engine's"),
     (["grpo.one_step_off=true", "rollout.engine=vllm", "cluster.hybrid=true"], "grpo.one_step_off needs a process"),
     (["rollout.max_new_tokens=8", "rollout.min_new_tokens=9"], "rollout.min_new_tokens must be between 0 and"),
+    (["train.sequence_parallel=true", "train.engine=megatron"], "train.sequence_parallel needs train.engine=megatron "
+                                                                "and train.tensor_parallel_size > 1"),
 ])
 def test_combinations_that_cannot_run_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -51,7 +51,7 @@ def test_round_trip_is_exact(build, tp: int) -> None:
         else:
             assert sum(s[name].shape[dim] for s in shards) == (
                 spec.padded_vocab_size if "embedding" in name or "output_layer" in name else
-                sum(hf[h].shape[dim] for h in hf_names_of(name)))
+                sum(hf[h].shape[dim] for h in hf_names_of(name, spec)))
     back = megatron_to_hf(shards, spec)
     assert set(back) == set(hf)
     for key, tensor in hf.items():
@@ -94,7 +94,7 @@ def test_names_cover_every_hf_tensor_once() -> None:
     for build, tied in ((qwen2_untied, False), (llama_mqa, True)):
         model = build()
         spec = GPTSpec.from_hf(model.config, 1)
-        covered = [h for name in megatron_names(spec) for h in hf_names_of(name)]
+        covered = [h for name in megatron_names(spec) for h in hf_names_of(name, spec)]
         assert len(covered) == len(set(covered))
         assert set(covered) | ({"lm_head.weight"} if tied else set()) == set(model.state_dict())
 

@@ -3,7 +3,7 @@
 DP=2 x TP=1, DP=1 x TP=2 and DP=2 x TP=2 rank actors: the batch is dealt to the replicas by tokens (rows of
 uneven length, uneven micro-batch counts), the loss normalised over the whole batch, the gradients summed over
 the replicas. Step-1 log-probs and the weights after two updates must equal the torch engine's within 1e-4, also
-with activation recompute.
+with activation recompute and with sequence parallelism (micro-batches of odd and even lengths).
 """
 
 from importlib.util import find_spec
@@ -52,16 +52,18 @@ def train_cfg(**changes) -> TrainConfig:
     return TrainConfig(lr=1e-3, micro_batch_size=2, max_grad_norm=1.0, threads=1, **changes)
 
 
-@pytest.mark.parametrize("dp, tp, recompute", [(2, 1, False), (1, 2, False), (2, 2, False), (1, 2, True)])
+@pytest.mark.parametrize("dp, tp, recompute, sequence_parallel", [
+    (2, 1, False, False), (1, 2, False, False), (2, 2, False, False), (1, 2, True, False), (2, 2, False, True)])
 def test_megatron_data_x_tensor_parallel_matches_torch_engine(reference, dp: int, tp: int, recompute: bool,
-                                                              tmp_path: Path) -> None:
+                                                              sequence_parallel: bool, tmp_path: Path) -> None:
     import ray
 
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.train.group import PolicyGroup
 
     path, batch, logprobs, weights = reference
-    cfg = train_cfg(engine="megatron", data_parallel_size=dp, tensor_parallel_size=tp, gradient_checkpointing=recompute)
+    cfg = train_cfg(engine="megatron", data_parallel_size=dp, tensor_parallel_size=tp, gradient_checkpointing=recompute,
+                    sequence_parallel=sequence_parallel)
     group = PolicyGroup.start(lambda rank: {"num_cpus": 0}, path, ModelConfig(), cfg, 4, True, 0, 1)
     try:
         got = ray.get(group.logprobs.remote(batch, 0.7))

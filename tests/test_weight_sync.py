@@ -329,13 +329,21 @@ def test_fsdp_actor_to_vllm_and_transformers_rollouts(cluster, models, model: st
 
 @needs_vllm
 @pytest.mark.slow
-def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluster, models) -> None:
+@pytest.mark.parametrize("model, sequence_parallel, corrupted, module", [
+    ("tiny", False, "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp"),
+    ("tiny-vl", True, "model.language_model.layers.1.mlp.down_proj.weight", "model.language_model.layers.1.mlp"),
+])
+def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluster, models, model: str,
+                                                                          sequence_parallel: bool, corrupted: str,
+                                                                          module: str) -> None:
     """Each megatron parameter is gathered across the two tensor-parallel ranks and merged into its Hugging Face
-    tensors one at a time on rank 0, then broadcast in buckets."""
+    tensors one at a time on rank 0, then broadcast in buckets. With sequence parallelism the per-module check
+    gathers each rank's share of the sequence (a wrong gather would name an earlier module)."""
     from lingshu_rl.grpo.sync import WeightsOutOfSync, WeightSync
 
-    path = models["tiny"]
-    train = TrainConfig(engine="megatron", tensor_parallel_size=2, lr=0.01, micro_batch_size=64, threads=1)
+    path = models[model]
+    train = TrainConfig(engine="megatron", tensor_parallel_size=2, sequence_parallel=sequence_parallel, lr=0.01,
+                        micro_batch_size=64, threads=1)
     roles = start_roles(path, train)
     sync = WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(sync_bucket_mb=1)), path)
     assert sync.check()["sync/canary_abs_diff"] < 1e-4  # megatron's kernels vs transformers': float noise
@@ -343,10 +351,11 @@ def test_megatron_tensor_parallel_actor_to_vllm_and_transformers_rollouts(cluste
     assert sync.sync()["sync/canary_abs_diff"] < 1e-4
     assert_rollouts_hold_the_actors_weights(roles, path)
 
-    corrupt(roles, "model.layers.1.mlp.down_proj.weight")
+    corrupt(roles, corrupted)
     with pytest.raises(WeightsOutOfSync, match="rollout-0 does not compute what the actor computes: canary mean "
-                                               r"\|log-prob difference\| .*differs is model.layers.1.mlp$"):
-        sync.check()  # tripling a weight of the tiny Qwen2 moves the canary well past the tolerance
+                                               f"\\|log-prob difference\\| .*differs is {module}$"):
+        WeightSync(roles, RunConfig(train=train, rollout=RolloutConfig(weight_sync="object_store",
+                                                                       sync_module_check=True)), path).check()
 
 
 @pytest.mark.slow

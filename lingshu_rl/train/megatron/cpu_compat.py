@@ -14,7 +14,8 @@ Not patches, but what the engine does on every device for the same reasons (mode
   * fusions stay off (megatron-core's defaults; the fused kernels come from Apex/Transformer Engine);
   * an explicit attention mask is always passed (the default causal mask is built with ``device="cuda"``);
   * logits stay vocabulary-parallel (``gather_output=True`` allocates on CUDA).
-Sequence parallelism cannot run on CPU (local norms assert against it) and is not offered.
+Sequence parallelism runs on CPU too: the local spec's norms assert against it, so the model uses its own RMSNorm
+(``model.py``); gloo has the reduce-scatter and all-gather it needs.
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""One tensor-parallel rank of the megatron-core training engine (the ``TrainEngine`` protocol, SPMD).
+"""One rank of the megatron-core training engine (the ``TrainEngine`` protocol, SPMD): data-parallel replicas of a
+tensor-parallel group.
 
-Every rank of the group gets the same calls with the same batch; the ranks hold 1/t of the attention heads,
-FFN columns and vocabulary rows, and megatron's parallel layers exchange activations (NCCL on GPUs, gloo on CPU).
+Every rank of a tensor-parallel group gets the same calls with the same micro-batches; the ranks hold 1/t of the
+attention heads, FFN columns and vocabulary rows, and megatron's parallel layers exchange activations (NCCL on
+GPUs, gloo on CPU). Replicas get their share of each update's batch (``train/split.py``) and sum their gradients.
 
   log-probs   vocabulary-parallel: logits stay split ``[N, T, Vp/t]``; the target token's log-prob comes from
               ``tensor_parallel.vocab_parallel_cross_entropy`` (max and sum-exp all-reduced, no full-vocabulary
               gather); the entropy bonus is computed the same way. Padded vocabulary rows are masked out.
-  loss        the same micro-batch contract as the transformers engine: every rank evaluates the identical loss
-              and back-propagates it; megatron's layers route each gradient to its shard.
+  loss        the update loop shared with the torch engine (``train/update.py``): every rank of a group evaluates
+              the identical loss and back-propagates it; megatron's layers route each gradient to its shard.
+  options     activation recompute (``train.gradient_checkpointing``); sequence parallelism
+              (``train.sequence_parallel``: norms and residuals split along the sequence, their weights' gradients
+              all-reduced over the group); Qwen2.5-VL (``vision.py``: a replicated Hugging Face vision tower).
   optimiser   torch AdamW on this rank's shards (``train/optim.py``, so schedules and per-glob learning rates are
-              the transformers engine's); the gradient norm for clipping is all-reduced over the group, counting
-              replicated parameters (norm weights) once. Megatron's DistributedOptimizer shards state over
-              data-parallel ranks, and this engine has none (and it needs CUDA buffers).
+              the transformers engine's), on float32 main weights when the model is half precision; the gradient
+              norm for clipping is all-reduced over the group, counting replicated parameters once. Each replica
+              keeps the whole optimiser state of its shards: megatron's DistributedOptimizer, which would split it
+              over the replicas, needs its CUDA gradient buffers and was not used.
   checkpoint  ``dir/model``: full Hugging Face weights (written by rank 0); ``dir/megatron/optimizer_tp{r}.pt``:
               rank r's optimiser and scheduler state, restored by :meth:`load_training_state` on the same t.
 """
@@ -22,7 +28,7 @@ import contextlib
 import fnmatch
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,13 +37,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.data.vision import copy_processor_files
 from lingshu_rl.models.hf import local_weights
-from lingshu_rl.models.probe import capture
+from lingshu_rl.models.probe import capture, probed_modules
 from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.megatron import cpu_compat
-from lingshu_rl.train.megatron.convert import GPTSpec, hf_names_of, hf_to_megatron, merge_to_hf, partition_dim
+from lingshu_rl.train.megatron.convert import (
+    HF_VISION,
+    GPTSpec,
+    canonical_name,
+    hf_names_of,
+    hf_to_megatron,
+    merge_to_hf,
+    partition_dim,
+)
 from lingshu_rl.train.megatron.model import attention_mask, build_model, load_shards, mrope_positions
+from lingshu_rl.train.megatron.vision import VisionLanguage
 from lingshu_rl.train.optim import make_optimizer
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, plan_updates
@@ -49,9 +65,10 @@ PG_TIMEOUT = timedelta(minutes=10)  # a collective stuck this long (a rank died 
 
 
 class HFCheckpoint(Mapping[str, Tensor]):
-    """A Hugging Face model directory's safetensors, read one tensor at a time (no full copy per rank)."""
+    """A Hugging Face model directory's safetensors, read one tensor at a time (no full copy per rank), under the
+    names ``rename`` gives the stored ones."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, rename: Callable[[str], str] = str):
         from safetensors import safe_open
 
         directory = Path(directory)
@@ -59,10 +76,11 @@ class HFCheckpoint(Mapping[str, Tensor]):
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
             ["model.safetensors"]
         self._handles = [safe_open(str(directory / f), framework="pt") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}  # noqa: SIM118 (no __iter__)
+        self._where = {rename(key): (h, key) for h in self._handles for key in h.keys()}  # noqa: SIM118
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._where[key].get_tensor(key)
+        handle, stored = self._where[key]
+        return handle.get_tensor(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -141,9 +159,18 @@ class MegatronEngine:
         self.spec = GPTSpec.from_hf(self.hf_config, tp)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code) \
             if self.writer else None
-        self.model = build_model(self.spec, _DTYPES[model_cfg.dtype], self.device,
-                                 recompute=trainable and train_cfg.gradient_checkpointing)
-        load_shards(self.model, hf_to_megatron(HFCheckpoint(local_weights(model_path)), self.spec, self.rank))
+        dtype, recompute = _DTYPES[model_cfg.dtype], trainable and train_cfg.gradient_checkpointing
+        self.sequence_parallel = train_cfg.sequence_parallel and tp > 1
+        self.model = build_model(self.spec, dtype, self.device, recompute, self.sequence_parallel)
+        self.vision = VisionLanguage(self.hf_config, dtype) if self.spec.vision else None
+        if self.vision is not None:
+            tower = self.vision.build_tower()
+            if recompute:
+                tower.gradient_checkpointing_enable()
+            self.model.add_module("visual", tower.to(self.device))  # type: ignore[arg-type]  # transformers wraps .to
+        self.weights_dir = local_weights(model_path)
+        checkpoint = HFCheckpoint(self.weights_dir, rename=lambda name: canonical_name(name, self.spec))
+        load_shards(self.model, hf_to_megatron(checkpoint, self.spec, self.rank))
         start, end = self.spec.vocab_range(self.rank)
         padded = torch.arange(start, end, device=self.device) >= self.spec.vocab_size  # [Vp/t]
         self.padded_rows = padded if bool(padded.any()) else None
@@ -169,8 +196,27 @@ class MegatronEngine:
 
     def _logits(self, batch: TokenBatch) -> Tensor:
         """Vocabulary-parallel logits ``[N, T, Vp/t]``; positions and mask as the transformers engine uses them."""
+        length = batch.input_ids.shape[1]
+        extra = -length % self.spec.tp_size if self.sequence_parallel else 0
+        if extra:  # sequence parallel: the sequence splits evenly over the ranks (padding at the end, never seen)
+            batch = batch.with_(**{k: F.pad(v, (0, extra)) if v is not None else None for k, v in (
+                ("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask),
+                ("segment_ids", batch.segment_ids), ("position_ids", batch.position_ids))})
+        return self._padded_logits(batch)[:, :length]
+
+    def _padded_logits(self, batch: TokenBatch) -> Tensor:
         input_ids = batch.input_ids.to(self.device)
         segments = batch.segment_ids
+        if self.vision is not None:  # 3-D positions, image features in the image tokens' slots
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            mask = attention_mask(input_ids, segments.to(self.device) if segments is not None else None)
+            embeds = self.vision.embed(self.model, batch, self.device)
+            if self.sequence_parallel:
+                embeds = scatter_to_sequence_parallel_region(embeds)
+            return self.model(input_ids, self.vision.positions(batch, self.device), mask, decoder_input=embeds)
+        if batch.pixel_values is not None:
+            raise ValueError(f"the batch has images but the model {self.model_path} has no vision tower")
         if segments is not None:  # packed rows: positions restart per sample, block-diagonal causal mask
             assert batch.position_ids is not None, "packed rows carry their positions (train.batch.pack)"
             positions, segments = batch.position_ids.to(self.device), segments.to(self.device)
@@ -234,6 +280,9 @@ class MegatronEngine:
             for param in self.params:
                 if param.grad is not None:
                     torch.distributed.all_reduce(param.grad, group=self.dp_group)
+        for param in self.params:  # sequence parallel: each rank's norm saw its share of the sequence
+            if getattr(param, "sequence_parallel", False) and param.grad is not None:
+                torch.distributed.all_reduce(param.grad, group=self.group)
         return self._clip_grad_norm(max_norm)
 
     def step(self) -> None:
@@ -283,7 +332,7 @@ class MegatronEngine:
         """Freeze by Hugging Face name globs (as the transformers engine). A fused megatron parameter (QKV,
         gate+up) freezes only if the globs cover all its HF tensors. Returns (an HF name, param) pairs, which
         is what the per-glob learning rates in ``train/optim.py`` match against."""
-        named = [(name, hf_names_of(name), p) for name, p in self.model.named_parameters()]
+        named = [(name, hf_names_of(name, self.spec), p) for name, p in self.model.named_parameters()]
         all_hf = [h for _, hs, _ in named for h in hs]
         unmatched = [g for g in patterns if not any(fnmatch.fnmatchcase(h, g) for h in all_hf)]
         if unmatched:
@@ -351,14 +400,25 @@ class MegatronEngine:
     def probe(self, batch: TokenBatch) -> dict[str, Tensor]:
         """Each module's output on ``batch`` under its Hugging Face name (:mod:`lingshu_rl.models.probe`; megatron's
         ``[seq, batch, hidden]`` flattens as Hugging Face's ``[batch, seq, hidden]`` for one row). Every rank runs
-        the same forward; the tensor-parallel outputs are already reduced."""
-        names = {"embedding": "model.embed_tokens", "decoder.final_layernorm": "model.norm"}
+        the same forward; the tensor-parallel outputs are already reduced, sequence-parallel ones are gathered."""
+        lm = self.spec.lm_prefix
+        names = {"embedding": lm + "embed_tokens", "decoder.final_layernorm": lm + "norm"}
         for i in range(self.spec.num_layers):
-            names.update({f"decoder.layers.{i}.{own}": f"model.layers.{i}.{hf}" for own, hf in (
+            names.update({f"decoder.layers.{i}.{own}": f"{lm}layers.{i}.{hf}" for own, hf in (
                 ("input_layernorm", "input_layernorm"), ("self_attention", "self_attn"),
                 ("pre_mlp_layernorm", "post_attention_layernorm"), ("mlp", "mlp"))})
+        split = set(names.values()) - ({lm + "embed_tokens"} if self.vision is not None else set())
+        tower = [name for name, _ in self.model.named_parameters() if name.startswith("visual.")]
+        names.update({own: HF_VISION + own.removeprefix("visual.") for own in probed_modules(tower)})
         with capture(self.model, names) as outputs:
             self.logprobs(batch, 1.0)
+        if self.sequence_parallel:  # each rank holds its share of the (padded) sequence of the split outputs
+            length = batch.input_ids.shape[1] * self.spec.hidden_size
+            for name in [n for n in outputs if n in split]:  # the same order on every rank (not a set's)
+                share = outputs[name].to(self.device)
+                shares = [torch.empty_like(share) for _ in range(self.spec.tp_size)]
+                torch.distributed.all_gather(shares, share, group=self.group)
+                outputs[name] = torch.cat(shares)[:length].cpu()
         return dict(outputs)
 
     def save(self, directory: Path) -> None:
@@ -379,6 +439,7 @@ class MegatronEngine:
             save_torch_state_dict({k: v.contiguous() for k, v in weights.items()}, model_dir)
             self.hf_config.save_pretrained(model_dir)
             self.tokenizer.save_pretrained(model_dir)
+            copy_processor_files(self.weights_dir, model_dir)  # a vision model's image processor
             with contextlib.suppress(OSError):  # OSError: the checkpoint has no generation_config.json
                 GenerationConfig.from_pretrained(self.model_path).save_pretrained(model_dir)
         if self.trainable and torch.distributed.get_rank(self.dp_group) == 0:

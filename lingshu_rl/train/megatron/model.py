@@ -1,11 +1,14 @@
 """A megatron-core ``GPTModel`` (local layer spec) shaped like a Hugging Face Qwen2/Llama checkpoint.
 
-Positions: the model is built with megatron's multimodal RoPE (``mrope``) fed three identical rows of position
-ids. That is exactly standard RoPE, but with per-token positions (megatron's plain ``rope`` always uses 0..T-1),
-so packed rows whose positions restart per sample work, and the layout is the one Qwen2.5-VL (Lingshu) needs.
+Positions: the model is built with megatron's multimodal RoPE (``mrope``). A text model is fed three identical rows
+of position ids with every frequency taken from the first: exactly standard RoPE, but with per-token positions
+(megatron's plain ``rope`` always uses 0..T-1), so packed rows whose positions restart per sample work. Qwen2.5-VL
+(Lingshu) gets its own time/height/width rows and ``mrope_section`` (:mod:`lingshu_rl.train.megatron.vision`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +17,19 @@ from torch import Tensor
 from lingshu_rl.train.megatron.convert import GPTSpec, partition_dim
 
 
-def transformer_config(spec: GPTSpec, dtype: torch.dtype, recompute: bool = False):
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm under megatron's norm signature (the local spec's own refuses sequence parallelism). With
+    sequence parallelism each rank normalises its share of the sequence, so the weight's gradient is a partial sum:
+    the weight is marked ``sequence_parallel`` and the engine all-reduces it over the tensor-parallel ranks."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_: object):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+
+def transformer_config(spec: GPTSpec, dtype: torch.dtype, recompute: bool = False, sequence_parallel: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    half = spec.head_dim // 2
     return TransformerConfig(
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
         num_query_groups=spec.num_kv_heads, kv_channels=spec.head_dim, ffn_hidden_size=spec.ffn_hidden_size,
@@ -25,26 +37,34 @@ def transformer_config(spec: GPTSpec, dtype: torch.dtype, recompute: bool = Fals
         gated_linear_unit=True, activation_func=F.silu,  # SwiGLU
         add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
         hidden_dropout=0.0, attention_dropout=spec.attention_dropout,
-        mrope_section=[half, 0, 0],  # all frequencies from the first (of three identical) position rows
+        mrope_section=list(spec.mrope_section),
         tensor_model_parallel_size=spec.tp_size, pipeline_model_parallel_size=1,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=False,  # weights come from the checkpoint
-        attention_softmax_in_fp32=True,
+        attention_softmax_in_fp32=True, sequence_parallel=sequence_parallel,
         # activation recompute: keep each layer's input only, recompute the layer in the backward pass
         **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
            if recompute else {}))
 
 
-def build_model(spec: GPTSpec, dtype: torch.dtype, device: torch.device, recompute: bool = False):
+def build_model(spec: GPTSpec, dtype: torch.dtype, device: torch.device, recompute: bool = False,
+                sequence_parallel: bool = False):
     """The model for this rank (parallel_state must be initialised); parameters uninitialised, on ``device``;
-    ``recompute``: activation recompute of every layer."""
+    ``recompute``: activation recompute of every layer; ``sequence_parallel``: the activations outside attention and
+    MLP (norms, residuals) split along the sequence over the tensor-parallel ranks. A vision-language model's
+    embeddings are scattered by the engine, after the image features are put in (``vision.py``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    model = GPTModel(transformer_config(spec, dtype, recompute), get_gpt_layer_local_spec(normalization="RMSNorm"),
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules = replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    block = TransformerBlockSubmodules(layer_specs=[layer] * spec.num_layers, layer_norm=RMSNorm)
+    model = GPTModel(transformer_config(spec, dtype, recompute, sequence_parallel), block,
                      vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_positions,
                      parallel_output=True, share_embeddings_and_output_weights=spec.tied_embeddings,
-                     position_embedding_type="mrope", rotary_base=spec.rope_theta)
+                     position_embedding_type="mrope", rotary_base=spec.rope_theta,
+                     scatter_embedding_sequence_parallel=not spec.vision)
     return model.to(device)
 
 
