@@ -186,6 +186,21 @@ def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path) -> 
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
 
 
+def test_dynamic_sampling_learns_from_informative_groups_with_their_reference_log_probs(workdir: Path) -> None:
+    """grpo.dynamic_sampling drops groups whose rewards are all equal; the reference pass then runs on the kept rows
+    only (after the scoring, not beside it). At step 1 the actor is the reference, so the KL over the kept rows is
+    exactly 0: rows and reference log-probs that did not line up would show here."""
+    out_dir = workdir / "dynamic"
+    finish(launch(out_dir, "--set", "grpo.dynamic_sampling=true", "--set", "grpo.kl_coef=0.1",
+                  "--set", "grpo.prompts_per_step=8", reward="mcq_exact"))
+    metrics = rows(out_dir / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    kept = [r["grpo/kept_groups"] for r in metrics]
+    assert any(0 < k < 8 for k in kept), kept  # some groups dropped, some learnt from
+    assert all(isinstance(r["timing/ref_s"], float) for r in metrics if r["grpo/kept_groups"] > 0)
+    assert 0 < metrics[0]["grpo/kept_groups"] and metrics[0]["actor/kl"] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
     killer = workdir / "killer.py"
     killer.write_text(textwrap.dedent("""

@@ -3,18 +3,24 @@ generated image demo: images change the engine's log-probs, micro-batching split
 a frozen vision tower stays bit-identical through an SFT update, and a bad image path names sample and path."""
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.data.demo import demo_sft_sample
 from lingshu_rl.data.image_demo import make_image_demo
 from lingshu_rl.data.readers import DataError, read_samples
 from lingshu_rl.data.vision import (
-    ImageError, compact_image_pads, encode_conversation_with_images, encode_prompt_with_images, load_image,
-    load_image_processor)
-from lingshu_rl.data.demo import demo_sft_sample
+    ImageError,
+    compact_image_pads,
+    encode_conversation_with_images,
+    encode_prompt_with_images,
+    load_image,
+    load_image_processor,
+)
 from lingshu_rl.train.batch import collate, collate_masked, pack, with_vision
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.torch_engine import TorchEngine
@@ -275,3 +281,68 @@ def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_di
         assert fetched.image_counts.tolist() == [1, 1] and fetched.vision_refs is None
     finally:
         ray.shutdown()
+
+
+def model_that_prefers_the_image_pad(model_dir: str, destination: Path, prompt: list[int], vision) -> Path:
+    """A copy of the tiny VL model whose image-placeholder token wins every greedy step (its tied embedding row
+    points along the model's final hidden states)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lingshu_rl.models.hf import load_model
+
+    shutil.copytree(model_dir, destination)
+    model = load_model(model_dir, torch.float32, False)
+    pad = model.config.image_token_id
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, pixel_values=vision.pixel_values, image_grid_thw=vision.image_grid_thw,
+                       output_hidden_states=True).hidden_states[-1][0]
+    direction = hidden.mean(dim=0)
+    weights = load_file(destination / "model.safetensors")
+    weights["model.embed_tokens.weight"][pad] = 30 * direction / direction.norm()
+    save_file(weights, destination / "model.safetensors", metadata={"format": "pt"})
+    return destination
+
+
+@pytest.mark.slow
+def test_rollouts_never_sample_the_image_placeholder(model_dir: str, demo, tmp_path: Path) -> None:
+    """A response holding ``<|image_pad|>`` could not be trained on (the forward would look for its image), so both
+    rollout engines leave the image and video placeholders out of sampling, even where the model prefers them."""
+    import ray
+
+    from lingshu_rl.config import RolloutConfig
+    from lingshu_rl.grpo.workers import RolloutWorker
+    from lingshu_rl.models.hf import load_model
+    from lingshu_rl.rollout.hf_engine import TransformersRollout
+    from lingshu_rl.rollout.protocol import SamplingParams
+
+    engine = TorchEngine(model_dir, ModelConfig(), TrainConfig())
+    processor = load_image_processor(model_dir)
+    prompts, visions = map(list, zip(*(encode_prompt_with_images(engine.tokenizer, processor, s) for s in demo[0][:2])))
+    biased = str(model_that_prefers_the_image_pad(model_dir, tmp_path / "biased", prompts[0], visions[0]))
+    pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    plain = load_model(biased, torch.float32, False)  # transformers' own generate, no restriction: the premise
+    ids = torch.tensor([prompts[0]])
+    greedy = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pixel_values=visions[0].pixel_values, image_grid_thw=visions[0].image_grid_thw,
+                            mm_token_type_ids=(ids == pad).long())
+    assert greedy[0, len(prompts[0]):].tolist() == [pad] * 6
+
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=3)
+    generations = TransformersRollout(biased, engine.tokenizer).generate(prompts, params, visions)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-placeholder", log_to_driver=False)
+    try:
+        if find_spec("vllm") is not None:
+            rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(biased, ModelConfig(),
+                                                                          RolloutConfig(engine="vllm"), "cpu", 1)
+            generations += ray.get(rollout.generate.remote(prompts, params, visions))
+    finally:
+        ray.shutdown()
+    assert len(generations) == (16 if find_spec("vllm") is not None else 8)
+    bad = [(i, g.response_ids) for i, g in enumerate(generations) if pad in g.response_ids or not g.response_ids]
+    assert not bad, bad
+    batch = with_vision(collate([g.prompt_ids for g in generations], [g.response_ids for g in generations],
+                                engine.tokenizer.pad_token_id), [visions[i // 4 % 2] for i in range(len(generations))])
+    assert torch.isfinite(TorchEngine(biased, ModelConfig(), TrainConfig()).logprobs(batch)).all()  # trainable

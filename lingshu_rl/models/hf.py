@@ -38,6 +38,16 @@ def local_weights(model_path: str) -> Path:
     return Path(index).parent
 
 
+def placeholder_token_ids(config: object) -> list[int]:
+    """A vision-language model's image and video placeholder tokens (empty for a text model). They stand for
+    image features in a prompt; a response holding one cannot be trained on (the forward would look for its
+    features), so the rollout engines never sample them."""
+    if not hasattr(config, "vision_config"):
+        return []
+    return sorted({int(i) for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                   if i is not None})
+
+
 def load_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool,
                device: torch.device | str = "cpu") -> PreTrainedModel:
     """A causal LM, or a vision-language model (Qwen2-VL family: its config has a ``vision_config``)."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from lingshu_rl.data.vision import VisionInputs, stack_vision
+from lingshu_rl.models.hf import placeholder_token_ids
 from lingshu_rl.models.probe import capture
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
@@ -91,7 +92,8 @@ class TransformersRollout:
             do_sample=not greedy, temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p, top_k=(params.top_k or None) if not greedy else None,
             max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            suppress_tokens=placeholder_token_ids(self.model.config) or None)  # image/video placeholders: never
         stop = GeneratedStopStrings(self.tokenizer, params.stop, width) if params.stop else None
         input_ids = input_ids.to(self.device)
         model: Any = self.model  # generate's typed self (GenerativePreTrainedModel) is not what loading declares

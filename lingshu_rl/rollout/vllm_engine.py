@@ -61,6 +61,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lingshu_rl.data.vision import IMAGE_PAD, VisionInputs, compact_image_pads
+from lingshu_rl.models.hf import placeholder_token_ids
 from lingshu_rl.models.probe import capture
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
@@ -172,6 +173,9 @@ class VLLMRollout:
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             extra["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, dtype)
         self.multimodal = hasattr(config, "vision_config")
+        # never sampled (-inf: vLLM clamps a bias to +-100 only in from_optional, and a placeholder's logit can exceed
+        # it); the returned log-probs stay the raw model's (logprobs_mode below), as the trainer computes them
+        self.banned = dict.fromkeys(placeholder_token_ids(config), float("-inf"))
         if self.multimodal:
             from lingshu_rl.models.tiny_vl import enable_qwen_vl_without_torchvision
 
@@ -207,6 +211,7 @@ class VLLMRollout:
             top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
             stop=list(params.stop) or None,
             stop_token_ids=self.eos_ids, seed=None if self.in_process else rng.getrandbits(31), logprobs=0,
+            logit_bias=self.banned or None,
             flat_logprobs=True,  # a few flat lists per response, not a dict and an object per token
             detokenize=bool(params.stop))  # text is decoded below, as the transformers engine does
             for _ in expanded]
