@@ -72,10 +72,11 @@ def reference(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     for _ in range(2):
         ray.get(worker.update.remote(batch, GRPOLoss(temperature=0.7)))
     weights = ray.get(worker.weights.remote())
+    updated = ray.get(worker.logprobs.remote(batch, 0.7))
     ray.kill(worker)
     moved = {k: float((weights[k] - initial[k]).abs().max()) for k in weights}
     assert min(v for k, v in moved.items() if k.startswith("model.visual.")) > 1e-3  # the tower trains too
-    yield batch, logprobs, weights
+    yield batch, logprobs, weights, updated
     ray.shutdown()
 
 
@@ -87,7 +88,7 @@ def test_vision_language_model_under_megatron_matches_torch_engine(model_dir: st
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.train.group import PolicyGroup
 
-    batch, logprobs, weights = reference
+    batch, logprobs, weights, updated = reference
     cfg = train_cfg(engine="megatron", data_parallel_size=dp, tensor_parallel_size=tp,
                     sequence_parallel=sequence_parallel)
     group = PolicyGroup.start(lambda rank: {"num_cpus": 0}, model_dir, ModelConfig(), cfg, 4, True, 0, 1)
@@ -100,6 +101,9 @@ def test_vision_language_model_under_megatron_matches_torch_engine(model_dir: st
         assert sorted(after) == sorted(weights)  # the transformers engine's names, the vision tower's included
         worst = max(float((after[k] - weights[k]).abs().max()) for k in weights)
         assert worst < 1e-4, worst
+        # the export shows rank 0's replicated tower; every rank's forward uses its own copy, so a copy that drifted
+        # on another rank would show in the updated model's log-probs
+        assert float((ray.get(group.logprobs.remote(batch, 0.7)) - updated).abs().max()) < 1e-4
     finally:
         group.kill()
 
@@ -110,7 +114,7 @@ def test_freezing_the_vision_tower_by_its_hugging_face_names(model_dir: str, ref
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.train.group import PolicyGroup
 
-    batch, _, _ = reference
+    batch = reference[0]
     cfg = train_cfg(engine="megatron", tensor_parallel_size=2, freeze=["model.visual.*"])
     group = PolicyGroup.start(lambda rank: {"num_cpus": 0}, model_dir, ModelConfig(), cfg, 4, True, 0, 1)
     try:
