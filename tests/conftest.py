@@ -71,3 +71,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+def torch_engine_reference(model_path: str, batch, train_cfg) -> dict:
+    """What the megatron parity tests compare against: a torch-engine worker's log-probs at temperature 0.7 before
+    and after two GRPO updates of ``batch``, and its weights before and after (a Ray cluster must be running)."""
+    import ray
+
+    from lingshu_rl.config import ModelConfig
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.grpo.workers import PolicyWorker
+
+    worker = ray.remote(PolicyWorker).options(num_cpus=0).remote(model_path, ModelConfig(), train_cfg, 4, True, 0, 1)
+    logprobs, initial = ray.get(worker.logprobs.remote(batch, 0.7)), ray.get(worker.weights.remote())
+    for _ in range(2):
+        ray.get(worker.update.remote(batch, GRPOLoss(temperature=0.7)))
+    out = {"logprobs": logprobs, "initial": initial, "weights": ray.get(worker.weights.remote()),
+           "updated": ray.get(worker.logprobs.remote(batch, 0.7))}
+    ray.kill(worker)
+    return out

@@ -22,9 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("megatron") is None
 def reference(tmp_path_factory: pytest.TempPathFactory):
     """The tiny model, a batch, and the torch engine's step-1 log-probs and weights after two updates."""
     import ray
+    from conftest import torch_engine_reference
 
-    from lingshu_rl.grpo.loss import GRPOLoss
-    from lingshu_rl.grpo.workers import PolicyWorker
     from lingshu_rl.models.tiny import build_tiny_model
     from lingshu_rl.train.batch import collate
 
@@ -35,13 +34,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     responses = [torch.randint(3, 300, (r,), generator=gen).tolist() for _, r in lengths]
     batch = collate(prompts, responses, pad_id=0).with_(advantages=torch.randn(12, generator=gen))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    worker = ray.remote(PolicyWorker).options(num_cpus=0).remote(path, ModelConfig(), train_cfg(), 4, True, 0, 1)
-    logprobs = ray.get(worker.logprobs.remote(batch, 0.7))
-    initial = ray.get(worker.weights.remote())
-    for _ in range(2):
-        ray.get(worker.update.remote(batch, GRPOLoss(temperature=0.7)))
-    weights = ray.get(worker.weights.remote())
-    ray.kill(worker)
+    ref = torch_engine_reference(path, batch, train_cfg())
+    logprobs, initial, weights = ref["logprobs"], ref["initial"], ref["weights"]
     # Adam moves each weight by about lr = 1e-3 per step: a replica's update lost or counted twice shows at 1e-4
     assert min(float((weights[k] - initial[k]).abs().max()) for k in weights) > 1e-3
     yield path, batch, logprobs, weights

@@ -59,21 +59,13 @@ def image_batch(model_dir: str, images_dir: Path):
 def reference(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     """The torch engine's step-1 log-probs and weights after two updates on the image batch."""
     import ray
-
-    from lingshu_rl.grpo.loss import GRPOLoss
-    from lingshu_rl.grpo.workers import PolicyWorker
+    from conftest import torch_engine_reference
 
     batch = image_batch(model_dir, tmp_path_factory.mktemp("images"))
     assert batch.image_counts.tolist() == [1, 1, 1, 1, 2, 0]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    worker = ray.remote(PolicyWorker).options(num_cpus=0).remote(model_dir, ModelConfig(), train_cfg(), 4, True, 0, 1)
-    logprobs = ray.get(worker.logprobs.remote(batch, 0.7))
-    initial = ray.get(worker.weights.remote())
-    for _ in range(2):
-        ray.get(worker.update.remote(batch, GRPOLoss(temperature=0.7)))
-    weights = ray.get(worker.weights.remote())
-    updated = ray.get(worker.logprobs.remote(batch, 0.7))
-    ray.kill(worker)
+    ref = torch_engine_reference(model_dir, batch, train_cfg())
+    logprobs, initial, weights, updated = ref["logprobs"], ref["initial"], ref["weights"], ref["updated"]
     moved = {k: float((weights[k] - initial[k]).abs().max()) for k in weights}
     assert min(v for k, v in moved.items() if k.startswith("model.visual.")) > 1e-3  # the tower trains too
     yield batch, logprobs, weights, updated

@@ -90,6 +90,14 @@ def packed_multimodal_positions(model: PreTrainedModel, input_ids: Tensor, segme
     return positions
 
 
+def vision_language_positions(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+                               segment_ids: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+    """Qwen2-VL-family positions of packed rows (``segment_ids`` given) or of padded ones."""
+    if segment_ids is not None:
+        return packed_multimodal_positions(model, input_ids, segment_ids, image_grid_thw)
+    return multimodal_positions(model, input_ids, attention_mask, image_grid_thw)
+
+
 def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
     """``[N, 1, T, T]`` additive mask: a token attends to earlier tokens of its own packed sample only."""
     length = segment_ids.shape[1]

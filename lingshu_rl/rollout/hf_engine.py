@@ -56,6 +56,7 @@ class TransformersRollout:
         self.model.eval()
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.banned = placeholder_token_ids(self.model.config)  # image/video placeholders: never sampled
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -93,7 +94,7 @@ class TransformersRollout:
             top_p=None if greedy else params.top_p, top_k=(params.top_k or None) if not greedy else None,
             max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            suppress_tokens=placeholder_token_ids(self.model.config) or None)  # image/video placeholders: never
+            suppress_tokens=self.banned or None)
         stop = GeneratedStopStrings(self.tokenizer, params.stop, width) if params.stop else None
         input_ids = input_ids.to(self.device)
         model: Any = self.model  # generate's typed self (GenerativePreTrainedModel) is not what loading declares

@@ -23,10 +23,9 @@ from lingshu_rl.data.vision import copy_processor_files
 from lingshu_rl.models.hf import (
     DTYPES,
     load_model,
-    multimodal_positions,
     packed_attention_mask,
-    packed_multimodal_positions,
     pick_device,
+    vision_language_positions,
 )
 from lingshu_rl.models.probe import capture, probed_modules
 from lingshu_rl.models.transfer import Rendezvous, TensorSpec, WeightChannel
@@ -185,10 +184,8 @@ class TorchEngine:
                 batch.position_ids.to(self.device)
             return {"attention_mask": mask, "position_ids": positions}
         grid = batch.image_grid_thw.to(self.device) if batch.image_grid_thw is not None else None
-        if batch.segment_ids is not None:
-            positions = packed_multimodal_positions(self.lm, input_ids, batch.segment_ids.to(self.device), grid)
-        else:
-            positions = multimodal_positions(self.lm, input_ids, mask, grid)
+        segments = batch.segment_ids.to(self.device) if batch.segment_ids is not None else None
+        positions = vision_language_positions(self.lm, input_ids, batch.attention_mask.to(self.device), segments, grid)
         source = batch if images is None else images
         pixels = source.pixel_values.to(self.device, self.compute_dtype) if source.pixel_values is not None else None
         grid = source.image_grid_thw.to(self.device) if source.image_grid_thw is not None else None

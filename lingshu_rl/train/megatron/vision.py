@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from lingshu_rl.models.hf import multimodal_positions, packed_multimodal_positions
+from lingshu_rl.models.hf import vision_language_positions
 from lingshu_rl.train.batch import TokenBatch
 
 
@@ -45,11 +45,10 @@ class VisionLanguage:
 
     def positions(self, batch: TokenBatch, device: torch.device) -> Tensor:
         """``[3, N, T]`` rotary positions (text, height, width) as the transformers engine computes them."""
-        input_ids = batch.input_ids.to(device)
         grid = batch.image_grid_thw.to(device) if batch.image_grid_thw is not None else None
-        if batch.segment_ids is not None:
-            return packed_multimodal_positions(self.skeleton, input_ids, batch.segment_ids.to(device), grid)
-        return multimodal_positions(self.skeleton, input_ids, batch.attention_mask.to(device), grid)
+        segments = batch.segment_ids.to(device) if batch.segment_ids is not None else None
+        return vision_language_positions(self.skeleton, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                         segments, grid)
 
     def embed(self, model: Any, batch: TokenBatch, device: torch.device) -> Tensor:
         """The decoder input ``[T, N, h]`` of ``model`` (a GPTModel with a ``visual`` tower): token embeddings with each
@@ -58,8 +57,7 @@ class VisionLanguage:
         embeds = model.embedding(input_ids=input_ids, position_ids=None)  # [T, N, h], reduced over the TP ranks
         if batch.pixel_values is None or batch.image_grid_thw is None or not len(batch.image_grid_thw):
             return embeds
-        tower = model.visual
-        features = tower(batch.pixel_values.to(device, self.dtype), grid_thw=batch.image_grid_thw.to(device))
+        features = model.visual(batch.pixel_values.to(device, self.dtype), grid_thw=batch.image_grid_thw.to(device))
         features = features.pooler_output.to(embeds.dtype)
         slots = input_ids == self.image_token_id  # [N, T]: filled row by row, in the order the features come
         if int(slots.sum()) != features.shape[0]:
