@@ -6,8 +6,10 @@ random-init Qwen2 model; and the peak memory of one update with long prompts, fu
     python benchmarks/train_scaling.py --sizes 200m --release-freed    # RSS without glibc's retained blocks
 
 Every configuration runs in fresh processes (one per rank), so peak RSS is its own. "model MB" is peak RSS minus
-the process's RSS just before the model was loaded (interpreter, torch and transformers excluded). Prints the
-machine's load with each row: figures from a loaded machine are not comparable.
+the process's RSS just before the model was loaded (interpreter, torch and transformers excluded). "tensor MB" is
+the peak of live tensor memory during one more (profiled) update: what ``torch.cuda.max_memory_allocated`` reports
+on a GPU, free of what the host allocator keeps after a free. Prints the machine's load with each row: figures
+from a loaded machine are not comparable.
 """
 
 from __future__ import annotations
@@ -55,6 +57,34 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def held_tensor_bytes(engine) -> int:
+    """Bytes of this rank's parameters, gradients and optimizer state (its shards under FSDP2), each storage once."""
+    tensors = [p for p in engine.lm.parameters()] + [p.grad for p in engine.lm.parameters() if p.grad is not None]
+    tensors += [v for state in engine.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {}
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def peak_tensor_mb(engine, work, loss) -> float:
+    """Peak live tensor memory during one update: what is held before it, plus the highest running sum of the
+    allocations and frees the profiler records on the way (torch's CPU allocator reports each one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    held = held_tensor_bytes(engine)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine.update(work, loss)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return (held + peak) / 2**20
+
+
 def train_rank(rank: int, world: int, port: int, path: str, out: dict) -> None:
     from lingshu_rl.config import ModelConfig, TrainConfig
     from lingshu_rl.grpo.loss import GRPOLoss
@@ -75,7 +105,9 @@ def train_rank(rank: int, world: int, port: int, path: str, out: dict) -> None:
         engine.update(work, GRPOLoss())
         seconds.append(time.perf_counter() - start)
     params = sum(p.numel() for p in engine.lm.parameters()) if world == 1 else None
-    out[rank] = {"s": statistics.median(seconds[1:]), "peak": rss_mb(), "model": rss_mb() - before, "params": params}
+    peak, model = rss_mb(), rss_mb() - before  # before profiling: the profiler's own records take memory
+    out[rank] = {"s": statistics.median(seconds[1:]), "peak": peak, "model": model, "params": params,
+                 "tensors": peak_tensor_mb(engine, work, GRPOLoss())}
 
 
 def logits_rank(_: int, mode: str, path: str, out: dict) -> None:
@@ -124,8 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{ROWS} sequences x ({PROMPT} prompt + {RESPONSE} response) tokens, micro-batch 4, GRPO loss, "
               f"AdamW, float32; median of {UPDATES - 1} updates after one warm-up")
-        print("| model | params | DP | s/update | peak RSS MB per rank | model MB per rank | load |")
-        print("|---|--:|--:|--:|--:|--:|--:|")
+        print("| model | params | DP | s/update | peak RSS MB per rank | model MB per rank | tensor MB per rank "
+              "| load |\n|---|--:|--:|--:|--:|--:|--:|--:|")
         for size in args.sizes.split(","):
             path = build(size, Path(tmp))
             results = {}
@@ -134,11 +166,14 @@ def main() -> None:
                 results[world] = res
                 params = results[1][0]["params"]
                 load = os.getloadavg()[0]
-                print(f"| {size} | {params / 1e6:.1f}M | {world} | {max(r['s'] for r in res.values()):.3f} | "
-                      f"{max(r['peak'] for r in res.values()):,.0f} | {max(r['model'] for r in res.values()):,.0f} | "
-                      f"{load:.1f}{' (loaded)' if load > 1.5 else ''} |", flush=True)
-            ratio = max(r["model"] for r in results[2].values()) / results[1][0]["model"]
-            print(f"  {size}: model memory per rank at DP=2 / DP=1 = {ratio:.2f}", flush=True)
+                worst = {key: max(r[key] for r in res.values()) for key in ("s", "peak", "model", "tensors")}
+                print(f"| {size} | {params / 1e6:.1f}M | {world} | {worst['s']:.3f} | {worst['peak']:,.0f} | "
+                      f"{worst['model']:,.0f} | {worst['tensors']:,.0f} | {load:.1f}"
+                      f"{' (loaded)' if load > 1.5 else ''} |", flush=True)
+            ratios = {key: max(r[key] for r in results[2].values()) / results[1][0][key]
+                      for key in ("model", "tensors")}
+            print(f"  {size}: per rank, DP=2 / DP=1: model RSS {ratios['model']:.2f}, "
+                  f"tensors {ratios['tensors']:.2f}", flush=True)
         path = build("50m", Path(tmp)) if "50m" not in args.sizes else str(Path(tmp) / "50m")
         memory = {mode: spawn(logits_rank, 1, mode, path)[mode]
                   for mode in ("full", "response")}

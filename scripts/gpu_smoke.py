@@ -3,7 +3,8 @@
     python scripts/gpu_smoke.py            # after the README's install with a CUDA build of torch
 
 1. The torch engine on CUDA in bf16 compute over float32 master weights: an update of lr 1e-6 moves the masters.
-2. FSDP2 over NCCL (one rank: the process group, sharding, mixed precision, the sharded checkpoint round trip).
+2. FSDP2 over NCCL (one rank: the process group, sharding, mixed precision, the sharded checkpoint round trip),
+   then the same with ``train.offload`` (shards in pinned host memory, each layer copied to the GPU for its use).
 3. The launcher end to end on the GPU (SFT warm-up, 3 GRPO steps, evaluation) with the transformers rollout on the
    actor's GPU, its weights synced through CUDA IPC (``rollout.weight_sync=ipc``: an NCCL group cannot hold two
    ranks on one device) and checked by the canary after every sync.
@@ -13,6 +14,7 @@ Each prints PASS or raises. Not covered (needs 2+ GPUs or a vLLM CUDA build): DP
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -45,7 +47,8 @@ def master_weights(path: str) -> None:
     print("PASS bf16 compute on CUDA, float32 masters moved by lr 1e-6:", f"{sum(moved) / len(moved):.2f}")
 
 
-def fsdp_nccl(path: str, root: Path) -> None:
+def fsdp_nccl(path: str, root: Path, offload: bool) -> None:
+    """In a process of its own (a process group per process)."""
     from lingshu_rl.config import ModelConfig, TrainConfig
     from lingshu_rl.grpo.loss import GRPOLoss
     from lingshu_rl.train.fsdp import DistInfo
@@ -54,15 +57,18 @@ def fsdp_nccl(path: str, root: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = TrainConfig(lr=1e-4, device="cuda", strategy="fsdp2", gradient_checkpointing=True)
+    cfg = TrainConfig(lr=1e-4, device="cuda", strategy="fsdp2", gradient_checkpointing=True, offload=offload)
     engine = TorchEngine(path, ModelConfig(dtype="bfloat16"), cfg, total_steps=4,
                          dist_info=DistInfo(0, 1, "127.0.0.1", port))
     first = engine.update(batch(), GRPOLoss())
-    engine.save(root / "ckpt")
-    engine.load_training_state(root / "ckpt")
+    engine.save(root / f"ckpt-{offload}")
+    engine.load_training_state(root / f"ckpt-{offload}")
     second = engine.update(batch(), GRPOLoss())
     assert math.isfinite(first["actor/loss"]) and math.isfinite(second["actor/grad_norm"]), (first, second)
-    print("PASS FSDP2 over NCCL with bf16 compute, checkpointing and a sharded checkpoint round trip")
+    where = {p.to_local().device.type for p in engine.params}
+    assert where == ({"cpu"} if offload else {"cuda"}), where
+    print(f"PASS FSDP2 over NCCL with bf16 compute, checkpointing and a sharded checkpoint round trip, "
+          f"offload={offload} (shards on {where.pop()})")
 
 
 def launcher(root: Path) -> None:
@@ -84,7 +90,11 @@ def main() -> None:
         root = Path(tmp)
         path = str(build_tiny_model(cache_dir=root / "cache"))
         master_weights(path)
-        fsdp_nccl(path, root)
+        for offload in (False, True):
+            child = multiprocessing.get_context("spawn").Process(target=fsdp_nccl, args=(path, root, offload))
+            child.start()
+            child.join()
+            assert child.exitcode == 0, f"FSDP2 over NCCL (offload={offload}) failed: see above"
         launcher(root)
 
 

@@ -95,11 +95,27 @@ def test_dp2_grpo_updates_equal_one_process(cluster, tiny: str) -> None:
     group.kill()
 
 
-def test_offload_on_cpu_is_refused_with_a_message(tiny: str) -> None:
-    """train.offload is FSDP2's CPUOffloadPolicy, which needs an accelerator to offload from (on CPU, FSDP2 fails
-    with "Cannot access accelerator device"): a CPU rank says what to change instead."""
-    with pytest.raises(ValueError, match="train.offload keeps FSDP2's shards in host memory between uses of a GPU"):
-        TorchEngine(tiny, ModelConfig(), train_cfg(strategy="fsdp2", offload=True), total_steps=1)
+def test_offload_runs_fsdp2_offload_path_and_equals_one_process(cluster, tiny: str, tmp_path: Path) -> None:
+    """train.offload (FSDP2's CPUOffloadPolicy): on a CPU rank nothing moves, but FSDP2's offload code runs (shards
+    and gradients marked as host-resident, the optimizer stepping them there), for the policy and the reference."""
+    import ray
+
+    cfg = train_cfg(micro_batch_size=2)
+    single = TorchEngine(tiny, ModelConfig(), replace(cfg, threads=0), total_steps=8)
+    group = start_group(tiny, replace(cfg, strategy="fsdp2", data_parallel_size=2, offload=True))
+    reference = start_group(tiny, replace(cfg, strategy="fsdp2", data_parallel_size=2, offload=True), trainable=False)
+    batch = grpo_batch(100)
+    assert (single.logprobs(batch, 0.7) - ray.get(reference.logprobs.remote(batch, 0.7))).abs().max().item() < TOL
+    loss = GRPOLoss(kl_coef=0.05, temperature=0.7)
+    for _ in range(2):
+        ours, theirs = single.update(batch, loss), ray.get(group.update.remote(batch, loss))
+        assert theirs["actor/grad_norm"] == pytest.approx(ours["actor/grad_norm"], abs=TOL, rel=TOL)
+    assert close(single.weights(), ray.get(group.weights.remote())) < TOL
+    ray.get(group.save.remote(str(tmp_path / "offloaded")))  # the export gathers from host-resident shards
+    exported = TorchEngine(str(tmp_path / "offloaded" / "model"), ModelConfig(), cfg, trainable=False)
+    assert close(single.weights(), exported.weights()) < TOL
+    group.kill()
+    reference.kill()
 
 
 def test_dp2_shared_prompts_equal_one_process_without_sharing(cluster, tiny: str) -> None:

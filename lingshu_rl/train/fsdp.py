@@ -53,9 +53,13 @@ def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: De
                 compute_dtype: torch.dtype, offload: bool) -> None:
     """``fully_shard`` each block (decoder layer, vision block), then the root. FSDP averages gradients over the
     ranks; the engine scales its loss by the world size to get their sum (the loss is already normalised over all
-    ranks). A divide factor of 1 would say the same but needs PREMUL_SUM, which gloo lacks."""
+    ranks). A divide factor of 1 would say the same but needs PREMUL_SUM, which gloo lacks.
+
+    ``offload``: shards, gradients and optimizer state stay in host memory, each layer copied to the device for its
+    forward and backward. On a CPU rank nothing moves, but FSDP2 runs the same offload code (what the tests check);
+    pinned host memory needs an accelerator."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    placement = CPUOffloadPolicy() if offload else OffloadPolicy()
+    placement = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=placement)
     fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=placement)

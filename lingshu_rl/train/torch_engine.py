@@ -121,9 +121,6 @@ class TorchEngine:
         self.max_grad_norm = train_cfg.max_grad_norm
         self.device = pick_device(train_cfg.device)
         self.sharded = dist_info is not None
-        if train_cfg.offload and self.device.type != "cuda":
-            raise ValueError("train.offload keeps FSDP2's shards in host memory between uses of a GPU; this rank runs "
-                             f"on {self.device} (FSDP2 offloads only from an accelerator): set train.offload=false")
         if self.sharded:
             assert dist_info is not None
             fsdp.init_process_group(dist_info, self.device)
