@@ -59,7 +59,8 @@ def current_rss_mb() -> float:
 
 def held_tensor_bytes(engine) -> int:
     """Bytes of this rank's parameters, gradients and optimizer state (its shards under FSDP2), each storage once."""
-    tensors = [p for p in engine.lm.parameters()] + [p.grad for p in engine.lm.parameters() if p.grad is not None]
+    params = list(engine.lm.parameters())
+    tensors = params + [p.grad for p in params if p.grad is not None]
     tensors += [v for state in engine.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     storages = {}
     for tensor in tensors:
@@ -105,8 +106,8 @@ def train_rank(rank: int, world: int, port: int, path: str, out: dict) -> None:
         engine.update(work, GRPOLoss())
         seconds.append(time.perf_counter() - start)
     params = sum(p.numel() for p in engine.lm.parameters()) if world == 1 else None
-    peak, model = rss_mb(), rss_mb() - before  # before profiling: the profiler's own records take memory
-    out[rank] = {"s": statistics.median(seconds[1:]), "peak": peak, "model": model, "params": params,
+    peak = rss_mb()  # before profiling: the profiler's own records take memory
+    out[rank] = {"s": statistics.median(seconds[1:]), "peak": peak, "model": peak - before, "params": params,
                  "tensors": peak_tensor_mb(engine, work, GRPOLoss())}
 
 
