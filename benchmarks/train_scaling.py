@@ -9,7 +9,7 @@ Every configuration runs in fresh processes (one per rank), so peak RSS is its o
 the process's RSS just before the model was loaded (interpreter, torch and transformers excluded). "tensor MB" is
 the peak of live tensor memory during one more (profiled) update: what ``torch.cuda.max_memory_allocated`` reports
 on a GPU, free of what the host allocator keeps after a free. Prints the machine's load with each row: figures
-from a loaded machine are not comparable.
+from a loaded machine are not comparable (the load before each row includes the row before it).
 """
 
 from __future__ import annotations
@@ -158,15 +158,15 @@ def main() -> None:
         print(f"{ROWS} sequences x ({PROMPT} prompt + {RESPONSE} response) tokens, micro-batch 4, GRPO loss, "
               f"AdamW, float32; median of {UPDATES - 1} updates after one warm-up")
         print("| model | params | DP | s/update | peak RSS MB per rank | model MB per rank | tensor MB per rank "
-              "| load |\n|---|--:|--:|--:|--:|--:|--:|--:|")
+              "| load before |\n|---|--:|--:|--:|--:|--:|--:|--:|")
         for size in args.sizes.split(","):
             path = build(size, Path(tmp))
             results = {}
             for world in (1, 2):
+                load = os.getloadavg()[0]
                 res = spawn(train_rank, world, world, free_port(), path)
                 results[world] = res
                 params = results[1][0]["params"]
-                load = os.getloadavg()[0]
                 worst = {key: max(r[key] for r in res.values()) for key in ("s", "peak", "model", "tensors")}
                 print(f"| {size} | {params / 1e6:.1f}M | {world} | {worst['s']:.3f} | {worst['peak']:,.0f} | "
                       f"{worst['model']:,.0f} | {worst['tensors']:,.0f} | {load:.1f}"

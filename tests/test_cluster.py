@@ -30,8 +30,10 @@ TINY_RUN = ["sft.stages.0.steps=20", "sft.stages.0.batch_size=8", "grpo.steps=2"
             "cluster.include_dashboard=false"]
 
 
-def launcher(out: Path, *sets: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", "mcq_exact", "--output-dir", str(out)]
+def launcher(out: Path, *sets: str, env: dict | None = None, timeout: float = 600,
+             stages: str = "sft,grpo,eval") -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", "mcq_exact", "--output-dir", str(out),
+            "--stages", stages]
     for item in [*TINY_RUN, *sets]:
         args += ["--set", item]
     env = {**os.environ, "LINGSHU_CACHE": str(out.parent / "cache"), **(env or {})}
@@ -204,7 +206,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     yield {"root": root, "env": env, "ports": ports, "submit": submit, "token": token}
     _kill_group(head.pid, signal.SIGTERM)  # the head and every Ray process it started share its process group
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         _kill_group(head.pid)
         head.wait()
@@ -250,7 +252,9 @@ def test_readme_job_submission_runs_on_a_token_authenticated_head(ray_head) -> N
 
 def test_default_launch_beside_a_running_head_starts_its_own_cluster(ray_head, tmp_path: Path) -> None:
     address = f"127.0.0.1:{ray_head['ports']['gcs']}"
-    result = launcher(tmp_path / "own", env={"RAY_ADDRESS": address}, timeout=600)
+    # a short SFT stage is enough: the cluster is chosen before any stage starts
+    result = launcher(tmp_path / "own", "sft.stages.0.steps=2", env={"RAY_ADDRESS": address}, timeout=600,
+                      stages="sft")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[lingshu] started a local Ray cluster" in result.stdout
     assert f"RAY_ADDRESS={address} is set but was not used: pass --ray-address {address}" in result.stdout
@@ -265,7 +269,7 @@ def test_dashboard_port_taken_moves_to_a_free_port(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = launcher(tmp_path / "dash", "cluster.include_dashboard=true", f"cluster.dashboard_port={port}",
-                          "sft.stages.0.steps=2", timeout=300)
+                          "sft.stages.0.steps=2", timeout=300, stages="sft")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"port {port} on 127.0.0.1 is taken" in result.stdout
     moved = re.search(r"\[lingshu\] Ray dashboard: http://127\.0\.0\.1:(\d+)", result.stdout)

@@ -1,11 +1,14 @@
 """GRPO end to end through the launcher, on a real local Ray cluster and the real tiny model.
 
 One reference run (with a reward plugin that raises on some samples and hangs on others) is shared by the
-end-to-end and resume tests; each test starts `python -m lingshu_rl.launch` as a user would.
+end-to-end and resume tests; each test starts `python -m lingshu_rl.launch` as a user would. The reference run
+does the SFT warm-up; the other runs start GRPO from a copy of its output (``--stages grpo``), as a user
+reusing a warm-up would, which also makes their metrics comparable with the reference run's.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,9 +37,10 @@ SMALL = ["sft.stages.0.steps=30", "sft.stages.0.batch_size=16", "grpo.steps=4", 
          "cluster.include_dashboard=false", "logging.samples_per_step=2"]
 
 
-def launch(output_dir: Path, *extra: str, reward: str, wandb: str = "disabled", **popen) -> subprocess.Popen:
+def launch(output_dir: Path, *extra: str, reward: str, wandb: str = "disabled", stages: str = "grpo",
+           **popen) -> subprocess.Popen:
     args = [sys.executable, "-m", "lingshu_rl.launch", "--reward", reward, "--output-dir", str(output_dir),
-            "--stages", "sft,grpo"]
+            "--stages", stages]
     for item in [*SMALL, f"logging.wandb.mode={wandb}"]:
         args += ["--set", item]
     env = {**os.environ, "LINGSHU_CACHE": str(output_dir.parent / "cache")}
@@ -48,6 +52,12 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def warmed_up(reference_run: tuple[Path, str], out_dir: Path) -> Path:
+    """``out_dir`` holding the reference run's SFT output, for a run with ``--stages grpo``."""
+    shutil.copytree(reference_run[0] / "sft", out_dir / "sft")
+    return out_dir
 
 
 def rows(path: Path) -> list[dict]:
@@ -85,7 +95,7 @@ def reward(workdir: Path) -> str:
 @pytest.fixture(scope="module")
 def reference_run(workdir: Path, reward: str) -> tuple[Path, str]:
     out_dir = workdir / "reference"
-    return out_dir, finish(launch(out_dir, reward=reward, wandb="offline"))
+    return out_dir, finish(launch(out_dir, reward=reward, wandb="offline", stages="sft,grpo"))
 
 
 def test_grpo_end_to_end(reference_run: tuple[Path, str]) -> None:
@@ -115,7 +125,7 @@ def test_grpo_end_to_end(reference_run: tuple[Path, str]) -> None:
 
 def test_resume_after_sigkill_reproduces_metrics(workdir: Path, reward: str,
                                                  reference_run: tuple[Path, str]) -> None:
-    out_dir = workdir / "killed"
+    out_dir = warmed_up(reference_run, workdir / "killed")
     kill_after_first_checkpoint(launch(out_dir, reward=reward, start_new_session=False), out_dir)
     resumed = finish(launch(out_dir, "--resume", "auto", reward=reward))
     assert "resuming from" in resumed and "step_000002" in resumed
@@ -130,7 +140,7 @@ def test_hybrid_worker_reproduces_the_reference_run(workdir: Path, reward: str,
                                                    reference_run: tuple[Path, str]) -> None:
     """cluster.hybrid: actor, reference and the rollout engine in one process, weights loaded in place: the same
     samples, rewards, losses and weights (the next steps' log-probs) as with a process per role."""
-    out_dir = workdir / "hybrid"
+    out_dir = warmed_up(reference_run, workdir / "hybrid")
     output = finish(launch(out_dir, "--set", "cluster.hybrid=true", reward=reward))
     assert "weight sync: in place (actor, reference and rollout engine in one process)" in output
     assert "(HybridWorker pid=" in output and "(RolloutWorker pid=" not in output.split("sft stage")[-1]
@@ -146,11 +156,11 @@ def test_hybrid_worker_reproduces_the_reference_run(workdir: Path, reward: str,
     assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
-def test_hybrid_worker_with_vllm_keeps_the_rollout_in_sync(workdir: Path) -> None:
+def test_hybrid_worker_with_vllm_keeps_the_rollout_in_sync(workdir: Path, reference_run: tuple[Path, str]) -> None:
     """vLLM in the actor's process (its threads the trainer's), its weights loaded in place after every update:
     the canary and the sampled tokens' log-probs agree with the trainer at every step."""
     pytest.importorskip("vllm")
-    out_dir = workdir / "hybrid-vllm"
+    out_dir = warmed_up(reference_run, workdir / "hybrid-vllm")
     output = finish(launch(out_dir, "--set", "cluster.hybrid=true", "--set", "rollout.engine=vllm",
                            "--set", "grpo.steps=2", reward="mcq_exact"))
     assert "weight sync: in place" in output
@@ -160,13 +170,14 @@ def test_hybrid_worker_with_vllm_keeps_the_rollout_in_sync(workdir: Path) -> Non
         assert row["sync/canary_abs_diff"] < 1e-4 and row["rollout/logprob_abs_diff"] < 1e-4, row
 
 
-def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path) -> None:
+def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path,
+                                                              reference_run: tuple[Path, str]) -> None:
     """grpo.one_step_off: step t+1 generates while step t scores and updates. Its rollouts are one step stale from
     step 2 on (logged), a checkpoint holds the rollouts made ahead, and a run killed after it resumes to the same
     metrics as the run that was not killed."""
     pytest.importorskip("vllm")
     overlap = ("--set", "grpo.one_step_off=true", "--set", "rollout.engine=vllm")
-    full_dir, killed_dir = workdir / "overlap", workdir / "overlap-killed"
+    full_dir, killed_dir = (warmed_up(reference_run, workdir / name) for name in ("overlap", "overlap-killed"))
     finish(launch(full_dir, *overlap, reward="mcq_exact"))
     full = {r["step"]: without_timing(r) for r in rows(full_dir / "metrics.jsonl")}
     assert [full[s]["grpo/staleness"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
@@ -186,11 +197,12 @@ def test_one_step_off_overlaps_generation_and_resumes_exactly(workdir: Path) -> 
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
 
 
-def test_dynamic_sampling_learns_from_informative_groups_with_their_reference_log_probs(workdir: Path) -> None:
+def test_dynamic_sampling_learns_from_informative_groups_with_their_reference_log_probs(
+        workdir: Path, reference_run: tuple[Path, str]) -> None:
     """grpo.dynamic_sampling drops groups whose rewards are all equal; the reference pass then runs on the kept rows
     only (after the scoring, not beside it). At step 1 the actor is the reference, so the KL over the kept rows is
     exactly 0: rows and reference log-probs that did not line up would show here."""
-    out_dir = workdir / "dynamic"
+    out_dir = warmed_up(reference_run, workdir / "dynamic")
     finish(launch(out_dir, "--set", "grpo.dynamic_sampling=true", "--set", "grpo.kl_coef=0.1",
                   "--set", "grpo.prompts_per_step=8", reward="mcq_exact"))
     metrics = rows(out_dir / "metrics.jsonl")
@@ -201,7 +213,7 @@ def test_dynamic_sampling_learns_from_informative_groups_with_their_reference_lo
     assert 0 < metrics[0]["grpo/kept_groups"] and metrics[0]["actor/kl"] == pytest.approx(0.0, abs=1e-7)
 
 
-def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
+def test_dead_worker_stops_the_run_with_a_message(workdir: Path, reference_run: tuple[Path, str]) -> None:
     killer = workdir / "killer.py"
     killer.write_text(textwrap.dedent("""
         import os, signal
@@ -241,8 +253,8 @@ def test_dead_worker_stops_the_run_with_a_message(workdir: Path) -> None:
                 kill_own_rollout_workers()
             return 0.0
     """))
-    proc = launch(workdir / "dead", "--set", "checkpoint.every=1", "--set", "reward.workers=1",
-                  reward=f"{killer}:kill_rollout_at_step_3")
+    proc = launch(warmed_up(reference_run, workdir / "dead"), "--set", "checkpoint.every=1",
+                  "--set", "reward.workers=1", reward=f"{killer}:kill_rollout_at_step_3")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-3000:]
     assert "the worker 'lingshu/rollout-0' died" in out
