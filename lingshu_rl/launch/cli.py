@@ -13,26 +13,28 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from lingshu_rl.config import ConfigError, RunConfig, load_config, to_dict
 from lingshu_rl.data import builtin
-from lingshu_rl.data.chat import PromptTooLong
 from lingshu_rl.data.readers import DataError, read_samples
 from lingshu_rl.data.sample import Sample
-from lingshu_rl.data.vision import ImageError
-from lingshu_rl.grpo.checkpoint import latest_checkpoint
-from lingshu_rl.grpo.controller import TrainingStopped, WorkerDied, find_resume
-from lingshu_rl.launch.pipeline import STAGES, Run, StageMissing, run_pipeline
 from lingshu_rl.models.builtin import model_path
 from lingshu_rl.rewards.combine import build_reward, specs_from_config
 from lingshu_rl.rewards.registry import RewardResolutionError
 from lingshu_rl.telemetry import redact
 from lingshu_rl.telemetry.jsonl import read_jsonl
 
+if TYPE_CHECKING:
+    from lingshu_rl.launch.pipeline import Run
+
+# torch, transformers and the GRPO modules are imported inside prepare() and main(), after the arguments and the
+# config have been checked: --help and a mistyped key answer in a second, not after five seconds of imports
 PRESETS = Path(__file__).parent / "presets"
 DEMO_PRESET = PRESETS / "demo.yaml"
+STAGES = ("sft", "grpo", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +113,10 @@ def prepare(args: argparse.Namespace) -> Run:
         raise ConfigError(f"--stages {args.stages!r}: choose from {', '.join(STAGES)}")
     specs = specs_from_config(cfg.reward.rewards)
     reward = build_reward(specs)
+    from lingshu_rl.grpo.checkpoint import latest_checkpoint  # the arguments hold up: the heavy imports now
+    from lingshu_rl.grpo.controller import find_resume
+    from lingshu_rl.launch.pipeline import Run
+
     output_dir = resolve_output_dir(args.output_dir or (Path(cfg.output_dir) if cfg.output_dir else None), args.resume)
     if args.resume is None and "grpo" in stages and latest_checkpoint(output_dir) is not None:
         raise ConfigError(f"{output_dir} already holds GRPO checkpoints: pass --resume auto to continue, "
@@ -134,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from lingshu_rl.data.chat import PromptTooLong
+    from lingshu_rl.data.vision import ImageError
+    from lingshu_rl.grpo.controller import TrainingStopped, WorkerDied
     from lingshu_rl.grpo.placement import PlacementError, check_fits, layout
+    from lingshu_rl.launch.pipeline import StageMissing, run_pipeline
     from lingshu_rl.launch.ray_cluster import start_ray
     from lingshu_rl.launch.storage import StorageNotShared, check_shared_storage
 

@@ -25,8 +25,6 @@ from lingshu_rl.rewards.base import RewardFn
 from lingshu_rl.sft.stages import run_sft, stage_output
 from lingshu_rl.telemetry import Telemetry, redact
 
-STAGES = ("sft", "grpo", "eval")
-
 
 class StageMissing(RuntimeError):
     """A stage needs the output of an earlier stage that has not run in this output directory."""
