@@ -167,6 +167,36 @@ def test_a_group_not_placed_in_time_names_the_waiting_role(two_nodes, tmp_path: 
         remove_placement_group(holder)
 
 
+def test_sft_ranks_reserve_a_bundle_each_and_give_them_back(two_nodes, tiny: str) -> None:
+    """An SFT stage's FSDP2 ranks (not colocated) hold one ``cluster.actor_*`` bundle each while the stage runs,
+    here one on each 1-CPU node, and give the CPUs back when it ends; a GPU bundle on this CPU-only cluster stops
+    before any rank starts, naming the stage."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from lingshu_rl.grpo.placement import start_policy_worker
+
+    sets = ["train.strategy=fsdp2", "train.data_parallel_size=2", "train.device=cpu", "cluster.colocate=false",
+            "cluster.actor_cpus=1"]
+    cfg = load_config(None, sets)
+    placed = start_policy_worker(cfg, tiny, cfg.train, 1, True, "lingshu/sft-warmup")
+    try:
+        assert ray.get(placed.handle.pid.remote()) > 0  # the ranks started (a collective: both of them)
+        assert ray.available_resources().get("CPU", 0) == 0
+        nodes = {node for g in placed.groups for node in placement_group_table(g)["bundles_to_node_id"].values()}
+        assert len(nodes) == 2
+    finally:
+        placed.shutdown()
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+    with pytest.raises(PlacementError) as err:
+        start_policy_worker(load_config(None, [*sets, "cluster.actor_gpus=1"]), tiny, cfg.train, 1, True,
+                            "lingshu/sft-warmup")
+    assert "cannot place sft-warmup" in str(err.value) and "GPU: the layout asks for 2 in all" in str(err.value)
+
+
 # --- an existing `ray start --head` cluster: the README's job submission, and a default launch beside it ---------
 
 def readme_commands() -> tuple[list[str], list[str], list[str]]:

@@ -16,6 +16,9 @@ share; not colocated, one ``actor_*``/``ref_*``-sized bundle per rank (give each
 one placement group, which may spread over nodes; megatron's in one STRICT_PACK group per tensor-parallel replica
 (a TP group talks every layer: one node), the replicas free to land on different nodes.
 
+An SFT stage's policy (:func:`start_policy_worker`) reserves what the GRPO actor would, in placement groups of its
+own that it gives back when the stage ends.
+
 A layout the cluster cannot hold stops before any actor starts (:func:`check_fits`), and a group Ray does not
 place within ``cluster.placement_timeout_s`` stops with the role it waits for: never a silent hang.
 """
@@ -33,7 +36,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from lingshu_rl.config import ClusterConfig, RunConfig
+from lingshu_rl.config import ClusterConfig, RunConfig, TrainConfig
 from lingshu_rl.grpo.failures import Placed, get_or_die, record_nodes
 from lingshu_rl.grpo.workers import Facet, HybridWorker, PolicyWorker, RolloutWorker
 from lingshu_rl.rewards.base import RewardFn
@@ -132,33 +135,42 @@ def _policy_ranks(cfg: RunConfig) -> int:
 def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
     """The placement groups GRPO's roles ask for (checked by :func:`check_fits`, created by :func:`create_roles`)."""
     c = cfg.cluster
-
-    def bundle(cpus: float, gpus: float, labels: dict[str, float]) -> dict[str, float]:
-        # Ray refuses a bundle of zeros: keep a sliver
-        return {"CPU": cpus if cpus or gpus else 1e-3, **({"GPU": gpus} if gpus else {}), **labels}
-
+    bundle = _bundle
     if c.colocate:  # one bundle for every role: it carries all their labels
         labels: dict[str, float] = {}
         for extra in (c.actor_resources, c.rollout_resources, c.ref_resources, c.reward_resources):
             labels.update({k: max(v, labels.get(k, 0.0)) for k, v in extra.items()})
         return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""),
                              [bundle(c.actor_cpus, c.actor_gpus, labels)], "PACK")]
-    dp, tp = group_sizes(cfg.train)
-
-    def policy(role: str, rank: dict[str, float]) -> list[GroupRequest]:
-        # a tensor-parallel group talks every layer: one node per replica; data-parallel ranks may spread over nodes
-        if tp > 1:
-            return [GroupRequest(role, [rank] * tp, "STRICT_PACK", i if dp > 1 else None) for i in range(dp)]
-        return [GroupRequest(role, [rank] * dp, "PACK")]
-
-    requests = [*policy("actor", bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)),
+    requests = [*_policy_requests("actor", cfg.train, bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)),
                 GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus, c.rollout_resources)]
                              * cfg.rollout.num_workers, "PACK")]
     if with_ref:
-        requests += policy("ref", bundle(c.ref_cpus, c.ref_gpus, c.ref_resources))
+        requests += _policy_requests("ref", cfg.train, bundle(c.ref_cpus, c.ref_gpus, c.ref_resources))
     # the scorer's sandboxed processes are its CPUs; reward.workers=0 scores in the actor itself
     requests.append(GroupRequest("reward", [bundle(cfg.reward.workers, 0, c.reward_resources)], "PACK"))
     return requests
+
+
+def _bundle(cpus: float, gpus: float, labels: dict[str, float]) -> dict[str, float]:
+    # Ray refuses a bundle of zeros: keep a sliver
+    return {"CPU": cpus if cpus or gpus else 1e-3, **({"GPU": gpus} if gpus else {}), **labels}
+
+
+def _policy_requests(role: str, train_cfg: TrainConfig, rank: dict[str, float]) -> list[GroupRequest]:
+    """A policy role's groups, one ``rank`` bundle per rank (not colocated)."""
+    dp, tp = group_sizes(train_cfg)
+    # a tensor-parallel group talks every layer: one node per replica; data-parallel ranks may spread over nodes
+    if tp > 1:
+        return [GroupRequest(role, [rank] * tp, "STRICT_PACK", i if dp > 1 else None) for i in range(dp)]
+    return [GroupRequest(role, [rank] * dp, "PACK")]
+
+
+def _rank_slot(role_groups: list[tuple[PlacementGroup, GroupRequest]], rank: int) -> tuple[PlacementGroup, int]:
+    """Where rank ``rank`` of a policy role goes (not colocated): bundle r of the role's group, or with one group
+    per tensor-parallel replica, bundle r % tp of group r // tp."""
+    per_group = len(role_groups[0][1].bundles)
+    return role_groups[rank // per_group][0], rank % per_group
 
 
 def _node_resources() -> list[dict[str, float]]:
@@ -177,7 +189,7 @@ def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
     return dict(total)
 
 
-def check_fits(requests: list[GroupRequest]) -> None:
+def check_fits(requests: list[GroupRequest], what: str = "the GRPO roles") -> None:
     """Raise :class:`PlacementError` if the cluster cannot hold ``requests`` at all: the resources in total, each
     bundle on some node, each STRICT_PACK group on one node. (Whether they are free now is :func:`wait_placed`'s.)"""
     nodes = _node_resources()
@@ -197,7 +209,7 @@ def check_fits(requests: list[GroupRequest]) -> None:
         return
     per_node = "\n".join(f"    node {i}: {_fmt({k: n.get(k, 0.0) for k in keys})}" for i, n in enumerate(nodes))
     raise PlacementError(
-        "this cluster cannot place the GRPO roles:\n  - " + "\n  - ".join(problems)
+        f"this cluster cannot place {what}:\n  - " + "\n  - ".join(problems)
         + "\n  requested:\n" + "".join(f"    {r.describe()}\n" for r in requests)
         + f"  cluster: {_fmt(totals)} on {len(nodes)} node(s):\n{per_node}\n"
         + "  change: cluster.colocate=true (one shared bundle), the cluster.{actor,rollout,ref}_{cpus,gpus} sizes, "
@@ -264,11 +276,8 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
             opts = options(slot, name if rank == 0 else f"{name}/rank{rank}")
             if c.colocate:
                 opts.update(num_cpus=opts["num_cpus"] / ranks, num_gpus=opts["num_gpus"] / ranks)
-            else:  # rank r: bundle r of the role's group, or with one group per TP replica, r % tp of group r // tp
-                role_groups = of_role[slot]
-                per_group = len(role_groups[0][1].bundles)
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(role_groups[rank // per_group][0],
-                                                                               rank % per_group)
+            else:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(*_rank_slot(of_role[slot], rank))
             return opts
 
         return PolicyGroup.start(rank_options, path, cfg.model, cfg.train, total_steps, trainable, cfg.seed,
@@ -337,16 +346,59 @@ def start_reward_actor(cfg: RunConfig, reward: RewardFn, log_path: Path | None,
         None if log_path is None else str(log_path))
 
 
-def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: Any, total_steps: int, trainable: bool,
-                        name: str, threads: int) -> Any:
-    """A lone policy worker outside the GRPO roles (the SFT stages): a ``PolicyWorker`` actor, or a group of
-    ranks (FSDP2, megatron) sharing this worker's (zero) CPU reservation, each rank on a node with the actor's
-    labels (``cluster.actor_resources``: a sliver of each, to pin, not to reserve). End it with :func:`kill_policy`."""
-    opts = {"name": name, "num_cpus": 0, "max_restarts": 0,
-            "resources": {k: 1e-3 for k in cfg.cluster.actor_resources}}
-    if not is_group(train_cfg):
-        return ray.remote(PolicyWorker).options(**opts).remote(model_path, cfg.model, train_cfg, total_steps,
-                                                                trainable, cfg.seed, threads)
+def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: TrainConfig, total_steps: int, trainable: bool,
+                        name: str) -> StageWorker:
+    """A policy outside the GRPO roles (an SFT stage), reserving what the GRPO actor would: colocated, one bundle of
+    ``cluster.actor_{cpus,gpus}`` (the ranks of a group split it); else one such bundle per rank, laid out as the
+    actor's (:func:`layout`). A ``PolicyWorker`` actor, or a group of ranks (FSDP2, megatron). End it with
+    :meth:`StageWorker.shutdown`, which gives the placement groups back."""
+    c = cfg.cluster
     dp, tp = group_sizes(train_cfg)
-    return PolicyGroup.start(lambda r: {**opts, "name": name if r == 0 else f"{name}/rank{r}"}, model_path,
-                             cfg.model, train_cfg, total_steps, trainable, cfg.seed, max(1, threads // (dp * tp)))
+    ranks = dp * tp
+    rank_bundle = _bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)
+    if c.colocate and ranks > 1 and c.actor_gpus:
+        raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
+                         "GPUs needs cluster.colocate=false (one GPU per rank)")
+    role = name.removeprefix("lingshu/")
+    requests = ([GroupRequest(role, [rank_bundle], "PACK")] if c.colocate
+                else _policy_requests(role, train_cfg, rank_bundle))
+    check_fits(requests, what=role)
+    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
+    wait_placed(groups, requests, c.placement_timeout_s)
+    threads = _threads(c, c.actor_cpus)
+
+    def rank_options(rank: int) -> dict[str, Any]:
+        group, index = (groups[0], 0) if c.colocate else _rank_slot(list(zip(groups, requests)), rank)
+        share = ranks if c.colocate else 1
+        return {"name": name if rank == 0 else f"{name}/rank{rank}", "max_restarts": 0,
+                "num_cpus": rank_bundle["CPU"] / share, "num_gpus": rank_bundle.get("GPU", 0) / share,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, index)}
+
+    handle: Any
+    try:
+        if not is_group(train_cfg):
+            handle = ray.remote(PolicyWorker).options(**rank_options(0)).remote(
+                model_path, cfg.model, train_cfg, total_steps, trainable, cfg.seed, threads)
+        else:
+            handle = PolicyGroup.start(rank_options, model_path, cfg.model, train_cfg, total_steps, trainable,
+                                       cfg.seed, max(1, threads // ranks) if c.colocate else threads)
+    except BaseException:
+        for group in groups:
+            remove_placement_group(group)
+        raise
+    return StageWorker(handle, groups)
+
+
+@dataclass
+class StageWorker:
+    """A policy started by :func:`start_policy_worker` and the placement groups that hold its resources."""
+
+    handle: Any  # a PolicyWorker actor or a PolicyGroup
+    groups: list[PlacementGroup]
+
+    def shutdown(self) -> None:
+        """Let the worker finish its queue and exit, then give its resources back (the next stage needs them)."""
+        exits = terminate_policy(self.handle)
+        ray.wait(exits, num_returns=len(exits), timeout=30)
+        for group in self.groups:
+            remove_placement_group(group)

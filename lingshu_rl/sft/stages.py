@@ -26,7 +26,6 @@ from lingshu_rl.sft.data import plan_steps, read_source
 from lingshu_rl.telemetry import Progress
 from lingshu_rl.telemetry.jsonl import JsonlWriter
 from lingshu_rl.train.batch import TokenBatch, collate_masked, pack, with_vision
-from lingshu_rl.train.group import terminate_policy
 from lingshu_rl.train.losses import SFTLoss
 
 
@@ -100,8 +99,8 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
         start = load_checkpoint_state(checkpoint)["step"]
         model_path = str(checkpoint / "model")
         print(f"[lingshu] resuming sft stage {stage.name!r} at step {start} from {checkpoint}", flush=True)
-    threads = cfg.cluster.num_cpus or os.cpu_count() or 1
-    worker = start_policy_worker(cfg, model_path, train_cfg, len(plan), True, f"lingshu/sft-{stage.name}", threads)
+    placed = start_policy_worker(cfg, model_path, train_cfg, len(plan), True, f"lingshu/sft-{stage.name}")
+    worker = placed.handle
     log = JsonlWriter(folder / "metrics.jsonl", keep_through_step=start)
     metrics: dict[str, float] = {}
     try:
@@ -123,7 +122,7 @@ def run_stage(cfg: RunConfig, stage: SFTStageConfig, input_model: str, output_di
         shutil.rmtree(tmp, ignore_errors=True)
     finally:
         log.close()
-        terminate_policy(worker)  # a PolicyWorker, or a group's ranks
+        placed.shutdown()  # a PolicyWorker or a group's ranks, then its placement groups
     (folder / "done.json").write_text(json.dumps({"steps": len(plan), "final_loss": metrics.get("sft/loss")}))
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     print(f"[lingshu] sft stage {stage.name!r}: {len(plan)} steps, final loss {metrics.get('sft/loss')} -> "
