@@ -16,6 +16,7 @@ import torch
 from lingshu_rl.config import ModelConfig, TrainConfig
 from lingshu_rl.grpo.loss import GRPOLoss
 from lingshu_rl.train.batch import TokenBatch, collate, pack
+from lingshu_rl.train.fsdp import load_turn
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.split import balanced_shards, plan_updates
 from lingshu_rl.train.torch_engine import TorchEngine
@@ -73,6 +74,11 @@ def test_token_balanced_split() -> None:
     assert sorted(rows) == [3, 4] and plan[0][0].micro_batches == 2  # one rank has fewer rows
     assert plan[0][0].num_seqs == plan[1][0].num_seqs == 6  # the masked row is not counted
     assert plan[0][0].num_tokens == float(batch.response_mask.sum())
+
+
+def test_load_turns_per_host() -> None:
+    assert [load_turn(["a", "a", "b", "b"], r) for r in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    assert [load_turn(["a", "b", "a"], r) for r in range(3)] == [(0, 2), (0, 2), (1, 2)]  # b's rank loads first
 
 
 def test_dp2_grpo_updates_equal_one_process(cluster, tiny: str) -> None:

@@ -8,6 +8,7 @@ dtype for its forward and backward (``MixedPrecisionPolicy``), and gradients are
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,6 +48,20 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
 def device_mesh(device: torch.device) -> DeviceMesh:
     """The one-dimensional data-parallel mesh over every rank (a collective: all ranks call it together)."""
     return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def load_turn(hosts: list[str], rank: int) -> tuple[int, int]:
+    """``(turn, turns)``: the ranks of each host load the full model one after another, so that a host holds one
+    full copy at a time; hosts go in parallel. ``hosts``: every rank's host name, in rank order."""
+    return hosts[:rank].count(hosts[rank]), max(hosts.count(host) for host in hosts)
+
+
+def host_names() -> list[str]:
+    """Every rank's host name, in rank order (a collective). Ray nodes on one machine share its memory: they
+    count as one host."""
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts
 
 
 def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: DeviceMesh,

@@ -127,10 +127,11 @@ class TorchEngine:
         self.compute_dtype = DTYPES[model_cfg.dtype]
         storage = torch.float32 if trainable else self.compute_dtype  # float32 master weights for training
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        if self.sharded:  # the ranks take turns: one full copy on the host at a time, then each keeps its shard
+        if self.sharded:  # a host's ranks take turns: one full copy on it at a time, then each keeps its shard
             mesh = fsdp.device_mesh(self.device)
-            for turn in range(dist.get_world_size()):
-                if turn == dist.get_rank():
+            mine, turns = fsdp.load_turn(fsdp.host_names(), dist.get_rank())
+            for turn in range(turns):
+                if turn == mine:
                     self.model = self._build(model_path, model_cfg, storage, torch.device("cpu"))
                     if not train_cfg.offload:
                         self.model.to(self.device)
