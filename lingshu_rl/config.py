@@ -71,6 +71,9 @@ class TrainConfig:
     engine: Literal["torch", "megatron"] = "torch"  # megatron: megatron-core tensor parallel (extra [megatron])
     strategy: Literal["none", "fsdp2"] = "none"  # torch engine: none = one device; fsdp2 = sharded data parallel
     data_parallel_size: int = 1  # fsdp2 ranks, or megatron replicas of the TP group; batches dealt by tokens
+    # fsdp2: ranks one copy of the model is sharded over. 0: all of them (FSDP); a divisor k of data_parallel_size:
+    # HSDP, groups of k consecutive ranks (one node each) each hold a sharded copy, gradients all-reduced across
+    shard_size: int = 0
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for compute)
     offload: bool = False  # fsdp2: parameters, gradients and optimizer state live in CPU memory between uses
     share_prompts: bool = True  # GRPO rows sharing a prompt run it once per micro-batch (torch engine)
@@ -393,6 +396,9 @@ def validate(config: RunConfig) -> None:
         (config.train.data_parallel_size == 1 or config.train.strategy == "fsdp2" or config.train.engine == "megatron",
          "train.data_parallel_size > 1 needs train.strategy=fsdp2 (torch engine) or train.engine=megatron"),
         (not config.train.offload or config.train.strategy == "fsdp2", "train.offload needs train.strategy=fsdp2"),
+        (config.train.shard_size == 0 or (config.train.strategy == "fsdp2" and config.train.shard_size > 0
+                                          and config.train.data_parallel_size % config.train.shard_size == 0),
+         "train.shard_size needs train.strategy=fsdp2 and must divide train.data_parallel_size (0: shard over all)"),
         (not config.cluster.hybrid or (config.cluster.colocate and config.train.engine == "torch"
                                        and config.train.strategy == "none" and config.rollout.num_workers == 1),
          "cluster.hybrid=true needs cluster.colocate=true, train.engine=torch, train.strategy=none and "

@@ -132,6 +132,18 @@ def test_tensor_parallel_replicas_get_a_group_each_and_may_land_on_different_nod
             remove_placement_group(group)
 
 
+def test_hsdp_shard_groups_get_a_group_each(two_nodes) -> None:
+    """FSDP2 with train.shard_size: each shard group gathers every layer, so each is a STRICT_PACK group (one
+    node), ranks 0-1 in the first and 2-3 in the second, as the (replicate, shard) mesh numbers them."""
+    cfg = load_config(None, ["train.strategy=fsdp2", "train.data_parallel_size=4", "train.shard_size=2",
+                             "cluster.colocate=false", "cluster.actor_cpus=0.45", "cluster.rollout_cpus=0",
+                             "grpo.kl_coef=0", "reward.workers=0"])
+    requests = layout(cfg, with_ref=False)
+    assert [(r.name, r.strategy, len(r.bundles)) for r in requests[:2]] == [
+        ("actor replica 0", "STRICT_PACK", 2), ("actor replica 1", "STRICT_PACK", 2)]
+    check_fits(requests)  # 0.9 CPU per group: one on each 1-CPU node
+
+
 def test_role_labels_go_into_each_bundle_and_a_label_no_node_has_names_the_role(two_nodes, tmp_path: Path) -> None:
     cfg = megatron_split(tmp_path, actor_cpus=0.5, actor_resources="{node_a: 0.5}", reward_resources="{node_b: 1}")
     requests = layout(cfg, with_ref=False)

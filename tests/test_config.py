@@ -52,6 +52,8 @@ def test_errors_name_the_key(override: str, message: str) -> None:
     (["rollout.max_new_tokens=8", "rollout.min_new_tokens=9"], "rollout.min_new_tokens must be between 0 and"),
     (["train.sequence_parallel=true", "train.engine=megatron"], "train.sequence_parallel needs train.engine=megatron "
                                                                 "and train.tensor_parallel_size > 1"),
+    (["train.strategy=fsdp2", "train.data_parallel_size=4", "train.shard_size=3"], "train.shard_size needs"),
+    (["train.shard_size=2"], "train.shard_size needs train.strategy=fsdp2"),
 ])
 def test_combinations_that_cannot_run_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

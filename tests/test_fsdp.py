@@ -209,6 +209,35 @@ def test_sharded_checkpoint_resumes_at_another_size(cluster, tiny: str, tmp_path
     group.kill()
 
 
+def test_hsdp_two_copies_of_two_shards_equal_one_process_and_resume_at_dp1(cluster, tiny: str,
+                                                                          tmp_path: Path) -> None:
+    """train.shard_size=2 at DP=4: two replicas of a 2-rank shard group (a (replicate, shard) mesh): the same
+    updates as one process, and its checkpoint continues at DP=1 with the same next step."""
+    import ray
+
+    cfg = train_cfg(micro_batch_size=2)
+    single = TorchEngine(tiny, ModelConfig(), replace(cfg, threads=0), total_steps=8)
+    group = start_group(tiny, replace(cfg, strategy="fsdp2", data_parallel_size=4, shard_size=2))
+    placements = ray.get(group.ranks[0].__ray_call__.remote(
+        lambda rank: {str(p.placements) for p in rank.engine.lm.parameters()}))
+    assert placements == {"(Replicate(), Shard(dim=0))"}  # replicated across copies, sharded within one
+    batch = grpo_batch(100, rows=9)
+    loss = GRPOLoss(kl_coef=0.05, temperature=0.7)
+    for _ in range(2):
+        ours, theirs = single.update(batch, loss), ray.get(group.update.remote(batch, loss))
+        for key in ("actor/loss", "actor/grad_norm"):
+            assert theirs[key] == pytest.approx(ours[key], abs=TOL, rel=TOL), key
+    assert close(single.weights(), ray.get(group.weights.remote())) < TOL
+    ray.get(group.save.remote(str(tmp_path / "hsdp")))
+    expected = ray.get(group.update.remote(batch, loss))
+    group.kill()
+    resumed = TorchEngine(str(tmp_path / "hsdp" / "model"), ModelConfig(), cfg, total_steps=8)
+    resumed.load_training_state(tmp_path / "hsdp")
+    after = resumed.update(batch, loss)
+    for key in ("actor/loss", "actor/grad_norm", "actor/lr", "actor/logprob_mean"):
+        assert after[key] == pytest.approx(expected[key], abs=TOL, rel=TOL), key
+
+
 def test_bf16_compute_keeps_float32_master_weights(tiny: str) -> None:
     cfg = train_cfg(lr=1e-6, max_grad_norm=0.0)
     engine = TorchEngine(tiny, ModelConfig(dtype="bfloat16"), cfg, total_steps=2)

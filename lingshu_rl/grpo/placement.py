@@ -160,15 +160,19 @@ def _bundle(cpus: float, gpus: float, labels: dict[str, float]) -> dict[str, flo
 def _policy_requests(role: str, train_cfg: TrainConfig, rank: dict[str, float]) -> list[GroupRequest]:
     """A policy role's groups, one ``rank`` bundle per rank (not colocated)."""
     dp, tp = group_sizes(train_cfg)
-    # a tensor-parallel group talks every layer: one node per replica; data-parallel ranks may spread over nodes
+    # a tensor-parallel group talks every layer: one node per replica; so does an HSDP shard group (it gathers
+    # every layer); FSDP's data-parallel ranks may spread over nodes
     if tp > 1:
         return [GroupRequest(role, [rank] * tp, "STRICT_PACK", i if dp > 1 else None) for i in range(dp)]
+    if 0 < train_cfg.shard_size < dp:
+        shard = train_cfg.shard_size
+        return [GroupRequest(role, [rank] * shard, "STRICT_PACK", i) for i in range(dp // shard)]
     return [GroupRequest(role, [rank] * dp, "PACK")]
 
 
 def _rank_slot(role_groups: list[tuple[PlacementGroup, GroupRequest]], rank: int) -> tuple[PlacementGroup, int]:
     """Where rank ``rank`` of a policy role goes (not colocated): bundle r of the role's group, or with one group
-    per tensor-parallel replica, bundle r % tp of group r // tp."""
+    per tensor-parallel replica (HSDP shard group) of k ranks, bundle r % k of group r // k."""
     per_group = len(role_groups[0][1].bundles)
     return role_groups[rank // per_group][0], rank % per_group
 

@@ -45,9 +45,14 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def device_mesh(device: torch.device) -> DeviceMesh:
-    """The one-dimensional data-parallel mesh over every rank (a collective: all ranks call it together)."""
-    return init_device_mesh(device.type, (dist.get_world_size(),))
+def device_mesh(device: torch.device, shard_size: int = 0) -> DeviceMesh:
+    """The data-parallel mesh (a collective: all ranks call it together). One dimension over every rank (FSDP);
+    with ``0 < shard_size <`` the world size, ``(replicate, shard)`` (HSDP): each run of ``shard_size`` consecutive
+    ranks shards one copy of the model, and ``fully_shard`` all-reduces gradients across the copies."""
+    world = dist.get_world_size()
+    if not shard_size or shard_size == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def load_turn(hosts: list[str], rank: int) -> tuple[int, int]:
@@ -66,9 +71,10 @@ def host_names() -> list[str]:
 
 def shard_model(module: torch.nn.Module, blocks: list[torch.nn.Module], mesh: DeviceMesh,
                 compute_dtype: torch.dtype, offload: bool) -> None:
-    """``fully_shard`` each block (decoder layer, vision block), then the root. FSDP averages gradients over the
-    ranks; the engine scales its loss by the world size to get their sum (the loss is already normalised over all
-    ranks). A divide factor of 1 would say the same but needs PREMUL_SUM, which gloo lacks.
+    """``fully_shard`` each block (decoder layer, vision block), then the root, over ``mesh`` (FSDP or HSDP). FSDP
+    averages gradients over all the mesh's ranks; the engine scales its loss by the world size to get their sum
+    (the loss is already normalised over all ranks). A divide factor of 1 would say the same but needs PREMUL_SUM,
+    which gloo lacks.
 
     ``offload``: shards, gradients and optimizer state stay in host memory, each layer copied to the device for its
     forward and backward. On a CPU rank nothing moves, but FSDP2 runs the same offload code (what the tests check);

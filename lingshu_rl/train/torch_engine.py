@@ -128,7 +128,7 @@ class TorchEngine:
         storage = torch.float32 if trainable else self.compute_dtype  # float32 master weights for training
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         if self.sharded:  # a host's ranks take turns: one full copy on it at a time, then each keeps its shard
-            mesh = fsdp.device_mesh(self.device)
+            mesh = fsdp.device_mesh(self.device, train_cfg.shard_size)
             mine, turns = fsdp.load_turn(fsdp.host_names(), dist.get_rank())
             for turn in range(turns):
                 if turn == mine:
