@@ -135,21 +135,26 @@ def _policy_ranks(cfg: RunConfig) -> int:
 def layout(cfg: RunConfig, with_ref: bool) -> list[GroupRequest]:
     """The placement groups GRPO's roles ask for (checked by :func:`check_fits`, created by :func:`create_roles`)."""
     c = cfg.cluster
-    bundle = _bundle
     if c.colocate:  # one bundle for every role: it carries all their labels
         labels: dict[str, float] = {}
         for extra in (c.actor_resources, c.rollout_resources, c.ref_resources, c.reward_resources):
             labels.update({k: max(v, labels.get(k, 0.0)) for k, v in extra.items()})
         return [GroupRequest("actor+rollout" + ("+ref" if with_ref else ""),
-                             [bundle(c.actor_cpus, c.actor_gpus, labels)], "PACK")]
-    requests = [*_policy_requests("actor", cfg.train, bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)),
-                GroupRequest("rollout", [bundle(c.rollout_cpus, c.rollout_gpus, c.rollout_resources)]
+                             [_bundle(c.actor_cpus, c.actor_gpus, labels)], "PACK")]
+    requests = [*_policy_requests("actor", cfg.train, _bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)),
+                GroupRequest("rollout", [_bundle(c.rollout_cpus, c.rollout_gpus, c.rollout_resources)]
                              * cfg.rollout.num_workers, "PACK")]
     if with_ref:
-        requests += _policy_requests("ref", cfg.train, bundle(c.ref_cpus, c.ref_gpus, c.ref_resources))
+        requests += _policy_requests("ref", cfg.train, _bundle(c.ref_cpus, c.ref_gpus, c.ref_resources))
     # the scorer's sandboxed processes are its CPUs; reward.workers=0 scores in the actor itself
-    requests.append(GroupRequest("reward", [bundle(cfg.reward.workers, 0, c.reward_resources)], "PACK"))
+    requests.append(GroupRequest("reward", [_bundle(cfg.reward.workers, 0, c.reward_resources)], "PACK"))
     return requests
+
+
+def _check_ranks_on_gpus(c: ClusterConfig, ranks: int) -> None:
+    if c.colocate and ranks > 1 and c.actor_gpus:
+        raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
+                         "GPUs needs cluster.colocate=false (one GPU per rank)")
 
 
 def _bundle(cpus: float, gpus: float, labels: dict[str, float]) -> dict[str, float]:
@@ -245,9 +250,7 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
     c = cfg.cluster
     num_rollouts = cfg.rollout.num_workers
     ranks = _policy_ranks(cfg)
-    if c.colocate and ranks > 1 and c.actor_gpus:
-        raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
-                         "GPUs needs cluster.colocate=false (one GPU per rank)")
+    _check_ranks_on_gpus(c, ranks)
     requests = layout(cfg, with_ref)
     check_fits(requests)
     groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
@@ -360,9 +363,7 @@ def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: TrainConfig,
     dp, tp = group_sizes(train_cfg)
     ranks = dp * tp
     rank_bundle = _bundle(c.actor_cpus, c.actor_gpus, c.actor_resources)
-    if c.colocate and ranks > 1 and c.actor_gpus:
-        raise ValueError("a policy of several ranks (train.tensor_parallel_size or train.data_parallel_size > 1) on "
-                         "GPUs needs cluster.colocate=false (one GPU per rank)")
+    _check_ranks_on_gpus(c, ranks)
     role = name.removeprefix("lingshu/")
     requests = ([GroupRequest(role, [rank_bundle], "PACK")] if c.colocate
                 else _policy_requests(role, train_cfg, rank_bundle))
