@@ -88,10 +88,16 @@ class Roles:
         if self.reward is not None:  # its sandboxed processes first
             self.reward.actor.close.remote()
         handles = {id(h): h for h in (h.handle if isinstance(h, Facet) else h for h in self.names().values())}
-        exits = [ref for handle in handles.values() for ref in terminate_policy(handle)]
-        ray.wait(exits, num_returns=len(exits), timeout=30)
-        for group in self.groups:
-            remove_placement_group(group)
+        _stop(list(handles.values()), self.groups)
+
+
+def _stop(handles: list[Any], groups: list[PlacementGroup]) -> None:
+    """Graceful: each worker (or group of ranks) finishes its queue and exits; then the placement groups (which
+    would kill them) go."""
+    exits = [ref for handle in handles for ref in terminate_policy(handle)]
+    ray.wait(exits, num_returns=len(exits), timeout=30)
+    for group in groups:
+        remove_placement_group(group)
 
 
 def _threads(cfg: ClusterConfig, cpus: float) -> int:
@@ -182,6 +188,42 @@ def _rank_slot(role_groups: list[tuple[PlacementGroup, GroupRequest]], rank: int
     return role_groups[rank // per_group][0], rank % per_group
 
 
+def _rank_options(name: str, slot: tuple[PlacementGroup, int, dict[str, float]], ranks: int,
+                  role_groups: list[tuple[PlacementGroup, GroupRequest]] | None) -> Callable[[int], dict[str, Any]]:
+    """Ray options of each rank of a policy role. Colocated (``role_groups`` None): the ranks split ``slot``'s
+    resources in its bundle; else rank r holds one bundle's worth, in the bundle :func:`_rank_slot` gives it."""
+    group, index, resources = slot
+    share = ranks if role_groups is None else 1
+
+    def options(rank: int) -> dict[str, Any]:
+        where = (group, index) if role_groups is None else _rank_slot(role_groups, rank)
+        return {"name": name if rank == 0 else f"{name}/rank{rank}", "max_restarts": 0,
+                "num_cpus": resources.get("CPU", 0) / share, "num_gpus": resources.get("GPU", 0) / share,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(*where)}
+
+    return options
+
+
+def _start_policy(cfg: RunConfig, train_cfg: TrainConfig, rank_options: Callable[[int], dict[str, Any]], path: str,
+                  total_steps: int, trainable: bool, threads: int) -> Any:
+    """A ``PolicyWorker`` actor, or a :class:`PolicyGroup` of ranks (FSDP2, megatron) placed by ``rank_options``;
+    colocated ranks split ``threads``."""
+    if not is_group(train_cfg):
+        return ray.remote(PolicyWorker).options(**rank_options(0)).remote(
+            path, cfg.model, train_cfg, total_steps, trainable, cfg.seed, threads)
+    dp, tp = group_sizes(train_cfg)
+    return PolicyGroup.start(rank_options, path, cfg.model, train_cfg, total_steps, trainable, cfg.seed,
+                             max(1, threads // (dp * tp)) if cfg.cluster.colocate else threads)
+
+
+def _place(requests: list[GroupRequest], timeout_s: float, what: str = "the GRPO roles") -> list[PlacementGroup]:
+    """Check ``requests`` against the cluster, create their placement groups and wait until Ray has placed them."""
+    check_fits(requests, what)
+    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
+    wait_placed(groups, requests, timeout_s)
+    return groups
+
+
 def _node_resources() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
@@ -252,9 +294,7 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
     ranks = _policy_ranks(cfg)
     _check_ranks_on_gpus(c, ranks)
     requests = layout(cfg, with_ref)
-    check_fits(requests)
-    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
-    wait_placed(groups, requests, c.placement_timeout_s)
+    groups = _place(requests, c.placement_timeout_s)
     if c.colocate:
         group, bundle = groups[0], requests[0].bundles[0]
         share = {k: v / (1 + num_rollouts + int(with_ref)) for k, v in bundle.items()}
@@ -275,20 +315,8 @@ def create_roles(cfg: RunConfig, policy_path: str, ref_path: str | None, total_s
                 "max_restarts": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, index)}
 
     def policy(slot: str, name: str, path: str, trainable: bool, threads: int) -> Any:
-        if not is_group(cfg.train):
-            return ray.remote(PolicyWorker).options(**options(slot, name)).remote(
-                path, cfg.model, cfg.train, total_steps, trainable, cfg.seed, threads)
-
-        def rank_options(rank: int) -> dict[str, Any]:  # colocated: the ranks split the share; else bundle r
-            opts = options(slot, name if rank == 0 else f"{name}/rank{rank}")
-            if c.colocate:
-                opts.update(num_cpus=opts["num_cpus"] / ranks, num_gpus=opts["num_gpus"] / ranks)
-            else:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(*_rank_slot(of_role[slot], rank))
-            return opts
-
-        return PolicyGroup.start(rank_options, path, cfg.model, cfg.train, total_steps, trainable, cfg.seed,
-                                 max(1, threads // ranks) if c.colocate else threads)
+        rank_options = _rank_options(name, slots[slot], ranks, None if c.colocate else of_role[slot])
+        return _start_policy(cfg, cfg.train, rank_options, path, total_steps, trainable, threads)
 
     device = cfg.train.device
     started: list[Any] = []
@@ -367,26 +395,12 @@ def start_policy_worker(cfg: RunConfig, model_path: str, train_cfg: TrainConfig,
     role = name.removeprefix("lingshu/")
     requests = ([GroupRequest(role, [rank_bundle], "PACK")] if c.colocate
                 else _policy_requests(role, train_cfg, rank_bundle))
-    check_fits(requests, what=role)
-    groups = [placement_group(r.bundles, strategy=r.strategy) for r in requests]
-    wait_placed(groups, requests, c.placement_timeout_s)
-    threads = _threads(c, c.actor_cpus)
-
-    def rank_options(rank: int) -> dict[str, Any]:
-        group, index = (groups[0], 0) if c.colocate else _rank_slot(list(zip(groups, requests)), rank)
-        share = ranks if c.colocate else 1
-        return {"name": name if rank == 0 else f"{name}/rank{rank}", "max_restarts": 0,
-                "num_cpus": rank_bundle["CPU"] / share, "num_gpus": rank_bundle.get("GPU", 0) / share,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, index)}
-
-    handle: Any
+    groups = _place(requests, c.placement_timeout_s, what=role)
+    rank_options = _rank_options(name, (groups[0], 0, rank_bundle), ranks,
+                                 None if c.colocate else list(zip(groups, requests)))
     try:
-        if not is_group(train_cfg):
-            handle = ray.remote(PolicyWorker).options(**rank_options(0)).remote(
-                model_path, cfg.model, train_cfg, total_steps, trainable, cfg.seed, threads)
-        else:
-            handle = PolicyGroup.start(rank_options, model_path, cfg.model, train_cfg, total_steps, trainable,
-                                       cfg.seed, max(1, threads // ranks) if c.colocate else threads)
+        handle = _start_policy(cfg, train_cfg, rank_options, model_path, total_steps, trainable,
+                               _threads(c, c.actor_cpus))
     except BaseException:
         for group in groups:
             remove_placement_group(group)
@@ -403,7 +417,4 @@ class StageWorker:
 
     def shutdown(self) -> None:
         """Let the worker finish its queue and exit, then give its resources back (the next stage needs them)."""
-        exits = terminate_policy(self.handle)
-        ray.wait(exits, num_returns=len(exits), timeout=30)
-        for group in self.groups:
-            remove_placement_group(group)
+        _stop([self.handle], self.groups)
