@@ -65,6 +65,42 @@ def test_gpu_layout_on_a_cpu_only_cluster_stops(tmp_path: Path) -> None:
     assert "actor+rollout+ref: 1 bundle(s) of {CPU: 1, GPU: 1}" in result.stderr
 
 
+def test_local_ray_starts_again_after_its_startup_times_out(monkeypatch, capsys) -> None:
+    """Ray gives a raylet 30 s to register; on a busy machine it can miss that (seen once in CI). The first attempt's
+    raylet is made to miss it; its processes must be gone and the second attempt must give a working cluster."""
+    import psutil
+    import ray
+
+    from lingshu_rl.launch.ray_cluster import init_local_ray
+
+    register = ray._private.services.get_node
+    first_attempt: list = []
+
+    def times_out_once(*args, **kwargs):
+        if not first_attempt:
+            first_attempt.extend((p, " ".join(p.cmdline())) for p in psutil.Process().children(recursive=True))
+            raise Exception("The current node timed out during startup. (injected by the test)")
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(ray._private.services, "get_node", times_out_once)
+    init_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="test-startup-retry")
+    try:
+        assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+        names = " ".join(cmdline for _, cmdline in first_attempt)
+        assert "gcs_server" in names and "raylet" in names, names
+
+        def alive(process) -> bool:
+            try:
+                return process.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        assert not [cmdline for process, cmdline in first_attempt if alive(process)]
+        assert "start-up timed out (attempt 1 of 3" in capsys.readouterr().out
+    finally:
+        ray.shutdown()
+
+
 # --- a multi-node cluster: a TP group that fits in total but not on one node; resources held by another job ---
 
 @pytest.fixture(scope="module")

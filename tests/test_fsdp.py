@@ -15,6 +15,7 @@ import torch
 
 from lingshu_rl.config import ModelConfig, TrainConfig
 from lingshu_rl.grpo.loss import GRPOLoss
+from lingshu_rl.launch.ray_cluster import init_local_ray
 from lingshu_rl.train.batch import TokenBatch, collate, pack
 from lingshu_rl.train.fsdp import load_turn
 from lingshu_rl.train.losses import SFTLoss
@@ -30,8 +31,8 @@ TOL = 1e-5
 def cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-fsdp", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-fsdp", log_to_driver=False,
+                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.launch.ray_cluster import init_local_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("megatron") is None or find_spec("megatron.core") is None,
                                                    reason="megatron-core is not installed")]
@@ -33,7 +34,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     prompts = [torch.randint(3, 300, (p,), generator=gen).tolist() for p, _ in lengths]
     responses = [torch.randint(3, 300, (r,), generator=gen).tolist() for _, r in lengths]
     batch = collate(prompts, responses, pad_id=0).with_(advantages=torch.randn(12, generator=gen))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ref = torch_engine_reference(path, batch, train_cfg())
     logprobs, initial, weights = ref["logprobs"], ref["initial"], ref["weights"]
     # Adam moves each weight by about lr = 1e-3 per step: a replica's update lost or counted twice shows at 1e-4

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.launch.ray_cluster import init_local_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("megatron") is None or find_spec("megatron.core") is None,
                                                    reason="megatron-core is not installed")]
@@ -34,7 +35,7 @@ def test_bf16_model_updates_float32_main_weights(tmp_path: Path) -> None:
     batch = collate([torch.randint(3, 300, (9,), generator=gen).tolist() for _ in range(8)],
                     [torch.randint(3, 300, (7,), generator=gen).tolist() for _ in range(8)], pad_id=0)
     batch = batch.with_(advantages=torch.randn(8, generator=gen))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg = TrainConfig(engine="megatron", lr=1e-6, warmup_steps=0, max_grad_norm=0.0, threads=1)
         worker = ray.remote(PolicyWorker).options(num_cpus=0).remote(path, ModelConfig(dtype="bfloat16"), cfg, 4,

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lingshu_rl.config import ModelConfig, TrainConfig
+from lingshu_rl.launch.ray_cluster import init_local_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("megatron") is None or find_spec("megatron.core") is None,
                                                    reason="megatron-core is not installed")]
@@ -63,7 +64,7 @@ def reference(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
 
     batch = image_batch(model_dir, tmp_path_factory.mktemp("images"))
     assert batch.image_counts.tolist() == [1, 1, 1, 1, 2, 0]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ref = torch_engine_reference(model_dir, batch, train_cfg())
     logprobs, initial, weights, updated = ref["logprobs"], ref["initial"], ref["weights"], ref["updated"]
     moved = {k: float((weights[k] - initial[k]).abs().max()) for k in weights}

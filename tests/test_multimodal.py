@@ -21,6 +21,7 @@ from lingshu_rl.data.vision import (
     load_image,
     load_image_processor,
 )
+from lingshu_rl.launch.ray_cluster import init_local_ray
 from lingshu_rl.train.batch import collate, collate_masked, pack, with_vision
 from lingshu_rl.train.losses import SFTLoss
 from lingshu_rl.train.torch_engine import TorchEngine
@@ -210,8 +211,8 @@ def test_vllm_rollout_with_images_matches_transformers_before_and_after_a_weight
     processor = load_image_processor(model_dir)
     prompts, visions = map(list, zip(*(encode_prompt_with_images(engine.tokenizer, processor, s) for s in samples)))
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-multimodal-vllm", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-multimodal-vllm", log_to_driver=False,
+                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(
             model_dir, ModelConfig(), TrainConfig(lr=0.05, micro_batch_size=64), 1, True, 0, 1)
@@ -263,7 +264,7 @@ def test_grpo_images_are_prepared_in_ray_tasks_and_fetched_by_each_rank(model_di
             return self.inner(**kwargs)
 
     samples = demo[0][:6]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         refs = prepare_visions([Prompt(s, [], NotInTheDriver(processor)) for s in samples],
                                Roles(None, [None, None], None, []))
@@ -332,7 +333,7 @@ def test_rollouts_never_sample_the_image_placeholder(model_dir: str, demo, tmp_p
 
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=3)
     generations = TransformersRollout(biased, engine.tokenizer).generate(prompts, params, visions)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-placeholder", log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-placeholder", log_to_driver=False)
     try:
         if find_spec("vllm") is not None:
             rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(biased, ModelConfig(),

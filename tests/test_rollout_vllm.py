@@ -22,6 +22,7 @@ import torch
 from lingshu_rl.config import ConfigError, ModelConfig, RolloutConfig, RunConfig, TrainConfig, load_config
 from lingshu_rl.data.demo import demo_target, make_demo_dataset
 from lingshu_rl.grpo.loss import GRPOLoss
+from lingshu_rl.launch.ray_cluster import init_local_ray
 from lingshu_rl.rollout.protocol import SamplingParams
 from lingshu_rl.rollout.vllm_engine import vllm_available
 from lingshu_rl.train.batch import TokenBatch, collate, response_values
@@ -92,8 +93,8 @@ def roles(tiny):
     from lingshu_rl.grpo.workers import PolicyWorker, RolloutWorker
 
     path = tiny[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-rollout-vllm", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-rollout-vllm", log_to_driver=False,
+                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         actor = ray.remote(PolicyWorker).options(num_cpus=0).remote(
             path, ModelConfig(), TrainConfig(lr=0.01, micro_batch_size=64), 1, True, 0, 1)

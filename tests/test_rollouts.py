@@ -5,6 +5,7 @@ import time
 import pytest
 
 from lingshu_rl.config import ModelConfig, RolloutConfig
+from lingshu_rl.launch.ray_cluster import init_local_ray
 from lingshu_rl.rollout.protocol import Generation, SamplingParams
 
 
@@ -32,8 +33,8 @@ def test_deal_gives_a_slow_worker_less_and_keeps_prompt_order(tiny):
         def count(self) -> int:
             return self.calls
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-rollouts", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-rollouts", log_to_driver=False,
+                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         args = (tiny, ModelConfig(), RolloutConfig(engine="transformers"), "cpu", 1)
         worker = ray.remote(CountingRolloutWorker).options(num_cpus=0)

@@ -384,7 +384,9 @@ def test_ray_gauges_reach_prometheus_endpoint(tmp_path, monkeypatch):
     if ray.is_initialized():
         pytest.skip("another test left a Ray cluster running in this process")
     metrics_port, dashboard_port = free_port(), free_port()
-    context = ray.init(
+    from lingshu_rl.launch.ray_cluster import init_local_ray
+
+    context = init_local_ray(
         **ray_init_options(dashboard_port=dashboard_port, metrics_export_port=metrics_port),
         num_cpus=2, log_to_driver=False,
     )

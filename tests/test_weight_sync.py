@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from lingshu_rl.config import ModelConfig, RolloutConfig, RunConfig, TrainConfig, load_config
+from lingshu_rl.launch.ray_cluster import init_local_ray
 from lingshu_rl.models.probe import module_of, probed_modules
 from lingshu_rl.models.transfer import (
     ALIGN,
@@ -218,8 +219,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="test-weight-sync", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace="test-weight-sync", log_to_driver=False,
+                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield
     ray.shutdown()
 

@@ -7,10 +7,12 @@ therefore always passes ``address="local"`` unless told to join, and says what i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
 
+import psutil
 import ray
 
 from lingshu_rl.config import ClusterConfig
@@ -34,6 +36,33 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+STARTUP_ATTEMPTS = 3
+
+
+def init_local_ray(**options: Any) -> Any:
+    """``ray.init(address="local", **options)``, started again when Ray's start-up times out.
+
+    Ray gives a new raylet a fixed 30 s to register with the GCS (not configurable in Ray 2.60). A busy machine -
+    a 2-core laptop while another job runs - can miss that, and a run would die before its first step. A failed
+    attempt leaves its processes (GCS, raylet, dashboard) running, so they are stopped before the next attempt.
+    """
+    for attempt in range(1, STARTUP_ATTEMPTS):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            return ray.init(address="local", **options)
+        except Exception as err:
+            if "timed out during startup" not in str(err):
+                raise
+            started = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+            for child in started:
+                with contextlib.suppress(psutil.NoSuchProcess):  # it may have exited meanwhile
+                    child.kill()
+            psutil.wait_procs(started, timeout=10)
+            print(f"[lingshu] Ray's local start-up timed out (attempt {attempt} of {STARTUP_ATTEMPTS}; is the "
+                  f"machine busy?): stopped its {len(started)} processes, starting it again", flush=True)
+    return ray.init(address="local", **options)
+
+
 def start_ray(cfg: ClusterConfig, namespace: str) -> dict[str, Any]:
     """Join ``cfg.address``, or start a local cluster whose dashboard listens on ``cfg.dashboard_host`` only.
 
@@ -53,8 +82,8 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> dict[str, Any]:
         port = free_port(cfg.dashboard_host)
         print(f"[lingshu] port {cfg.dashboard_port} on {cfg.dashboard_host} is taken (another Ray dashboard?); "
               f"this run's dashboard uses port {port}", flush=True)
-    context = ray.init(address="local", num_cpus=cfg.num_cpus, namespace=namespace, runtime_env=runtime_env,
-                       **ray_init_options(cfg.dashboard_host, port, cfg.metrics_export_port, cfg.include_dashboard))
+    options = ray_init_options(cfg.dashboard_host, port, cfg.metrics_export_port, cfg.include_dashboard)
+    context = init_local_ray(num_cpus=cfg.num_cpus, namespace=namespace, runtime_env=runtime_env, **options)
     note = (f"; RAY_ADDRESS={ignored} is set but was not used: pass --ray-address {ignored} to join that cluster"
             if ignored else "")
     print(f"[lingshu] started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs){note}", flush=True)
