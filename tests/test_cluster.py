@@ -19,7 +19,7 @@ import pytest
 
 from lingshu_rl.config import load_config
 from lingshu_rl.grpo.placement import GroupRequest, PlacementError, check_fits, layout, wait_placed
-from lingshu_rl.launch.ray_cluster import free_port
+from lingshu_rl.launch.ray_cluster import free_port, init_local_ray, retry_node_startup
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,6 @@ def test_local_ray_starts_again_after_its_startup_times_out(monkeypatch, capsys)
     import psutil
     import ray
 
-    from lingshu_rl.launch.ray_cluster import init_local_ray
-
     register = ray._private.services.get_node
     first_attempt: list = []
 
@@ -96,7 +94,7 @@ def test_local_ray_starts_again_after_its_startup_times_out(monkeypatch, capsys)
                 return False
 
         assert not [cmdline for process, cmdline in first_attempt if alive(process)]
-        assert "start-up timed out (attempt 1 of 3" in capsys.readouterr().out
+        assert "a Ray node's start-up timed out (attempt 1 of 3" in capsys.readouterr().out
     finally:
         ray.shutdown()
 
@@ -108,9 +106,10 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, resources={"node_a": 1})
-    cluster.add_node(num_cpus=1, resources={"node_b": 1})
+    cluster = retry_node_startup(lambda: Cluster(initialize_head=True,
+                                                 head_node_args={"num_cpus": 0, "include_dashboard": False}))
+    retry_node_startup(lambda: cluster.add_node(num_cpus=1, resources={"node_a": 1}))
+    retry_node_startup(lambda: cluster.add_node(num_cpus=1, resources={"node_b": 1}))
     ray.init(address=cluster.address, namespace="test-cluster-layouts")
     cluster.wait_for_nodes()
     yield cluster

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lingshu_rl.launch.ray_cluster import free_port
+from lingshu_rl.launch.ray_cluster import free_port, retry_node_startup
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +83,14 @@ def start_cluster(dashboard: bool = False):
     head = {"num_cpus": 0, "include_dashboard": dashboard, "object_store_memory": 200 * MB}
     if dashboard:
         head["dashboard_port"] = free_port("127.0.0.1")
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    trainer = cluster.add_node(num_cpus=1, resources={"trainer": 2}, object_store_memory=200 * MB)
+    cluster = retry_node_startup(lambda: Cluster(initialize_head=True, head_node_args=head))
+    trainer = add_node(cluster, num_cpus=1, resources={"trainer": 2})
     ray.init(address=cluster.address, namespace="test-multinode")
     return cluster, trainer
+
+
+def add_node(cluster, **options):
+    return retry_node_startup(lambda: cluster.add_node(**options, object_store_memory=200 * MB))
 
 
 def stop_cluster(cluster) -> None:
@@ -113,7 +117,7 @@ def node_ids() -> dict[str, str]:
 @pytest.fixture
 def three_nodes():
     cluster, _ = start_cluster(dashboard=True)  # the state API is served by the head's dashboard
-    cluster.add_node(num_cpus=2, resources={"sampler": 4}, object_store_memory=200 * MB)
+    add_node(cluster, num_cpus=2, resources={"sampler": 4})
     cluster.wait_for_nodes()
     yield cluster
     stop_cluster(cluster)
@@ -155,7 +159,7 @@ def test_grpo_on_three_nodes_places_each_role_on_its_node_and_resumes(three_node
 def test_removed_node_stops_the_run_naming_role_node_and_checkpoint(cache: Path, tmp_path: Path) -> None:
     cluster, _ = start_cluster()
     try:
-        sampler = cluster.add_node(num_cpus=2, resources={"sampler": 4}, object_store_memory=200 * MB)
+        sampler = add_node(cluster, num_cpus=2, resources={"sampler": 4})
         cluster.wait_for_nodes()
         sampler_id = next(k for k, kind in node_ids().items() if kind == "sampler")
         out = tmp_path / "dies"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psutil
 import ray
@@ -37,10 +38,11 @@ def free_port(host: str) -> int:
 
 
 STARTUP_ATTEMPTS = 3
+T = TypeVar("T")
 
 
-def init_local_ray(**options: Any) -> Any:
-    """``ray.init(address="local", **options)``, started again when Ray's start-up times out.
+def retry_node_startup(start: Callable[[], T]) -> T:
+    """``start()`` - a call that starts a Ray node on this machine - tried again when the node's start-up times out.
 
     Ray gives a new raylet a fixed 30 s to register with the GCS (not configurable in Ray 2.60). A busy machine -
     a 2-core laptop while another job runs - can miss that, and a run would die before its first step. A failed
@@ -49,7 +51,7 @@ def init_local_ray(**options: Any) -> Any:
     for attempt in range(1, STARTUP_ATTEMPTS):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
-            return ray.init(address="local", **options)
+            return start()
         except Exception as err:
             if "timed out during startup" not in str(err):
                 raise
@@ -58,9 +60,14 @@ def init_local_ray(**options: Any) -> Any:
                 with contextlib.suppress(psutil.NoSuchProcess):  # it may have exited meanwhile
                     child.kill()
             psutil.wait_procs(started, timeout=10)
-            print(f"[lingshu] Ray's local start-up timed out (attempt {attempt} of {STARTUP_ATTEMPTS}; is the "
+            print(f"[lingshu] a Ray node's start-up timed out (attempt {attempt} of {STARTUP_ATTEMPTS}; is the "
                   f"machine busy?): stopped its {len(started)} processes, starting it again", flush=True)
-    return ray.init(address="local", **options)
+    return start()
+
+
+def init_local_ray(**options: Any) -> Any:
+    """``ray.init(address="local", **options)``, with :func:`retry_node_startup`."""
+    return retry_node_startup(lambda: ray.init(address="local", **options))
 
 
 def start_ray(cfg: ClusterConfig, namespace: str) -> dict[str, Any]:
