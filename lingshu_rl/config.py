@@ -81,6 +81,9 @@ class TrainConfig:
     tensor_parallel_size: int = 1  # megatron engine: ranks (Ray actors, one GPU each) sharing the model
     pipeline_parallel_size: int = 1  # megatron engine: only 1 is supported for now
     sequence_parallel: bool = False  # megatron engine, TP > 1: norms and residuals split along the sequence
+    # megatron engine, data_parallel_size > 1: float32 main weights and Adam moments split over the replicas (ZeRO-1)
+    # instead of whole on each; fsdp2 always shards them
+    distributed_optimizer: bool = True
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -28,7 +28,8 @@ def test_bf16_model_updates_float32_main_weights(tmp_path: Path) -> None:
     from lingshu_rl.train.batch import collate
 
     def _state(worker) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # runs in the actor (pickled by value)
-        return [p.detach().clone() for p in worker.engine.params], [m.detach().clone() for m in worker.engine.main]
+        optim = worker.engine.optim
+        return [p.detach().clone() for p in optim.params], [m.detach().clone() for m in optim.main]
 
     path = str(build_tiny_model(tmp_path / "cache"))
     gen = torch.Generator().manual_seed(0)

@@ -20,12 +20,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float) -> list[dict]:
-    """One optimiser group per learning rate: the first ``cfg.lr_groups`` glob a name matches, else ``lr``."""
-    unused = [g for g in cfg.lr_groups if not any(fnmatch.fnmatchcase(n, g) for n, _ in named)]
+def check_lr_groups(names: list[str], cfg: TrainConfig) -> None:
+    """Every ``cfg.lr_groups`` glob must match one of the trainable parameters' ``names``."""
+    unused = [g for g in cfg.lr_groups if not any(fnmatch.fnmatchcase(n, g) for n in names)]
     if unused:
         raise ValueError(f"train.lr_groups patterns match no trainable parameter: {unused} "
-                         f"(names look like {named[0][0]!r})")
+                         f"(names look like {names[0]!r})")
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float) -> list[dict]:
+    """One optimiser group per learning rate: the first ``cfg.lr_groups`` glob a name matches, else ``lr``."""
     by_lr: dict[float, list[torch.nn.Parameter]] = {}
     for name, param in named:
         group_lr = next((v for g, v in cfg.lr_groups.items() if fnmatch.fnmatchcase(name, g)), lr)
@@ -34,8 +38,12 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, 
 
 
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, total_steps: int,
-                   lr: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters ``named`` (per-glob learning rates) and its schedule."""
+                   lr: float | None = None, check: bool = True
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters ``named`` (per-glob learning rates) and its schedule. ``check=False``:
+    the caller checked the globs against a larger set (``named`` is this rank's share of it)."""
+    if check:
+        check_lr_groups([name for name, _ in named], cfg)
     optimizer = torch.optim.AdamW(param_groups(named, cfg, lr or cfg.lr), betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -15,11 +15,11 @@ GPUs, gloo on CPU). Replicas get their share of each update's batch (``train/spl
               all-reduced over the group); Qwen2.5-VL (``vision.py``: a replicated Hugging Face vision tower).
   optimiser   torch AdamW on this rank's shards (``train/optim.py``, so schedules and per-glob learning rates are
               the transformers engine's), on float32 main weights when the model is half precision; the gradient
-              norm for clipping is all-reduced over the group, counting replicated parameters once. Each replica
-              keeps the whole optimiser state of its shards: megatron's DistributedOptimizer, which would split it
-              over the replicas, needs its CUDA gradient buffers and was not used.
-  checkpoint  ``dir/model``: full Hugging Face weights (written by rank 0); ``dir/megatron/optimizer_tp{r}.pt``:
-              rank r's optimiser and scheduler state, restored by :meth:`load_training_state` on the same t.
+              norm for clipping is all-reduced over the group, counting replicated parameters once. With
+              ``train.distributed_optimizer`` the main weights and moments are split over the replicas
+              (``optimizer.py``, ZeRO-1; megatron's own DistributedOptimizer needs its CUDA gradient buffers).
+  checkpoint  ``dir/model``: full Hugging Face weights (written by rank 0); ``dir/megatron/optimizer_tp{r}*.pt``:
+              rank r's optimiser state and schedule, restored by :meth:`load_training_state` at the same t.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from lingshu_rl.train.megatron.convert import (
     partition_dim,
 )
 from lingshu_rl.train.megatron.model import attention_mask, build_model, load_shards, mrope_positions
+from lingshu_rl.train.megatron.optimizer import ReplicaOptimizer
 from lingshu_rl.train.megatron.vision import VisionLanguage
-from lingshu_rl.train.optim import make_optimizer
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, plan_updates
 from lingshu_rl.train.update import run_updates
@@ -179,15 +179,8 @@ class MegatronEngine:
         self.channel: WeightChannel | None = None  # rank 0's end of the weight-sync group, once joined
         if trainable:
             self.model.train()
-            named = self._trainable(train_cfg.freeze)
-            self.params = [p for _, p in named]
-            # float32 main weights for the half-precision parameters (megatron keeps its norms in float32): the
-            # optimizer updates these and the model's copies are refreshed from them after every step (a bf16
-            # update of 1e-6 would round to nothing)
-            self.main = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
-                         for p in self.params]
-            self.optimizer, self.scheduler = make_optimizer(
-                [(name, main) for (name, _), main in zip(named, self.main)], train_cfg, total_steps, lr)
+            self.optim = ReplicaOptimizer(self._trainable(train_cfg.freeze), train_cfg, total_steps, lr, self.group,
+                                          self.dp_group, train_cfg.distributed_optimizer)
         else:
             self.model.eval()
             self.model.requires_grad_(False)
@@ -276,32 +269,17 @@ class MegatronEngine:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        if self.dp_size > 1:  # each replica's gradient of the globally normalised loss: their sum is the update's
-            for param in self.params:
-                if param.grad is not None:
-                    torch.distributed.all_reduce(param.grad, group=self.dp_group)
-        for param in self.params:  # sequence parallel: each rank's norm saw its share of the sequence
-            if getattr(param, "sequence_parallel", False) and param.grad is not None:
-                torch.distributed.all_reduce(param.grad, group=self.group)
-        return self._clip_grad_norm(max_norm)
+        self.optim.reduce_gradients()  # the replicas' gradients of the globally normalised loss sum to the update's
+        return self.optim.clip_grad_norm(max_norm)
 
     def step(self) -> None:
-        halves = [(param, main) for param, main in zip(self.params, self.main) if main is not param]
-        for param, main in halves:
-            main.grad = None if param.grad is None else param.grad.float()
-        self.optimizer.step()
-        self.scheduler.step()
-        with torch.no_grad():
-            for param, main in halves:
-                param.copy_(main)
+        self.optim.step()
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return self.optim.lr()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        for param in self.params:
-            param.grad = None
+        self.optim.zero_grad()
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Over the data-parallel replicas (the ranks of one tensor-parallel group hold the same sums)."""
@@ -311,26 +289,9 @@ class MegatronEngine:
         torch.distributed.all_reduce(tensor, group=self.dp_group)
         return tensor.tolist()
 
-    def _clip_grad_norm(self, max_norm: float) -> float:
-        """``torch.nn.utils.clip_grad_norm_`` over the whole model: squared norms of the shards summed over the
-        group, replicated parameters counted on rank 0 only."""
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        grads = [p.grad for p in self.params if p.grad is not None]
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for p in self.params:
-            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-                squares += p.grad.float().square().sum()
-        torch.distributed.all_reduce(squares, group=self.group)
-        total = squares.sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-        return float(total)
-
-    def _trainable(self, patterns: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
+    def _trainable(self, patterns: list[str]) -> list[tuple[str, str, torch.nn.Parameter]]:
         """Freeze by Hugging Face name globs (as the transformers engine). A fused megatron parameter (QKV,
-        gate+up) freezes only if the globs cover all its HF tensors. Returns (an HF name, param) pairs, which
+        gate+up) freezes only if the globs cover all its HF tensors. Returns (name, an HF name, param): the HF name
         is what the per-glob learning rates in ``train/optim.py`` match against."""
         named = [(name, hf_names_of(name, self.spec), p) for name, p in self.model.named_parameters()]
         all_hf = [h for _, hs, _ in named for h in hs]
@@ -349,7 +310,7 @@ class MegatronEngine:
                 hits = [fnmatch.fnmatchcase(h, g) for h in hf_names]
                 if any(hits) and not all(hits):
                     raise ValueError(f"train.lr_groups glob {g!r} covers only part of {hf_names} ({name})")
-        trainable = [(hf_names[0], p) for _, hf_names, p in named if p.requires_grad]
+        trainable = [(name, hf_names[0], p) for name, hf_names, p in named if p.requires_grad]
         if not trainable:
             raise ValueError(f"freeze patterns {patterns} leave nothing to train")
         return trainable
@@ -423,8 +384,7 @@ class MegatronEngine:
 
     def save(self, directory: Path) -> None:
         """``directory/model`` (HF safetensors, config, tokenizer; the writer) and each tensor-parallel rank's
-        optimiser state (with its float32 main weights when the model is half precision), written by the first
-        replica: every replica holds the same."""
+        optimiser state with its float32 main weights (:meth:`ReplicaOptimizer.save`)."""
         from huggingface_hub import save_torch_state_dict
         from transformers import GenerationConfig
 
@@ -442,28 +402,12 @@ class MegatronEngine:
             copy_processor_files(self.weights_dir, model_dir)  # a vision model's image processor
             with contextlib.suppress(OSError):  # OSError: the checkpoint has no generation_config.json
                 GenerationConfig.from_pretrained(self.model_path).save_pretrained(model_dir)
-        if self.trainable and torch.distributed.get_rank(self.dp_group) == 0:
-            path = directory / "megatron" / f"optimizer_tp{self.rank}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"tp_size": self.spec.tp_size, "rank": self.rank, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "main": [m.detach().cpu() for m in self.main]}, path)
+        if self.trainable:
+            self.optim.save(directory, self.spec.tp_size)
         torch.distributed.barrier()  # the checkpoint is complete when any rank returns
 
     def load_training_state(self, directory: Path) -> None:
-        path = Path(directory) / "megatron" / f"optimizer_tp{self.rank}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no megatron optimiser state (was the checkpoint written by the "
-                                    f"megatron engine with tensor_parallel_size={self.spec.tp_size}?)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if state["tp_size"] != self.spec.tp_size:
-            raise ValueError(f"{path} was written with tensor_parallel_size={state['tp_size']}, "
-                             f"this run uses {self.spec.tp_size}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        with torch.no_grad():  # the float32 main weights exactly (the exported model holds them rounded)
-            for param, main, saved in zip(self.params, self.main, state.get("main") or []):
-                main.copy_(saved)
-                param.copy_(saved)
+        self.optim.load(Path(directory), self.spec.tp_size)
 
 
 def _pick_device(name: str) -> torch.device:
