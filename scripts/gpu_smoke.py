@@ -5,7 +5,9 @@
 1. The torch engine on CUDA in bf16 compute over float32 master weights: an update of lr 1e-6 moves the masters.
 2. FSDP2 over NCCL (one rank: the process group, sharding, mixed precision, the sharded checkpoint round trip),
    then the same with ``train.offload`` (shards in pinned host memory, each layer copied to the GPU for its use).
-3. The launcher end to end on the GPU (SFT warm-up, 3 GRPO steps, evaluation) with the transformers rollout on the
+3. The megatron engine over NCCL (one rank; when megatron-core is installed): bf16 compute on float32 main weights,
+   an update, the checkpoint round trip of its optimiser state, a second update.
+4. The launcher end to end on the GPU (SFT warm-up, 3 GRPO steps, evaluation) with the transformers rollout on the
    actor's GPU, its weights synced through CUDA IPC (``rollout.weight_sync=ipc``: an NCCL group cannot hold two
    ranks on one device) and checked by the canary after every sync.
 Each prints PASS or raises. Not covered (needs 2+ GPUs or a vLLM CUDA build): DP=2 over NCCL, vLLM on GPU.
@@ -13,6 +15,7 @@ Each prints PASS or raises. Not covered (needs 2+ GPUs or a vLLM CUDA build): DP
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -71,6 +74,28 @@ def fsdp_nccl(path: str, root: Path, offload: bool) -> None:
           f"offload={offload} (shards on {where.pop()})")
 
 
+def megatron_nccl(path: str, root: Path) -> None:
+    """In a process of its own (a process group per process)."""
+    from lingshu_rl.config import ModelConfig, TrainConfig
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.train.megatron.engine import MegatronEngine
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = TrainConfig(engine="megatron", lr=1e-4, device="cuda", gradient_checkpointing=True)
+    engine = MegatronEngine(path, ModelConfig(dtype="bfloat16"), cfg, total_steps=4, master_port=port)
+    assert torch.distributed.get_backend() == "nccl"
+    first = engine.update(batch(), GRPOLoss())
+    engine.save(root / "ckpt-megatron")
+    engine.load_training_state(root / "ckpt-megatron")
+    second = engine.update(batch(), GRPOLoss())
+    assert math.isfinite(first["actor/loss"]) and math.isfinite(second["actor/grad_norm"]), (first, second)
+    mains = [m for m in engine.optim.main if m is not None]
+    assert all(m.dtype == torch.float32 and m.is_cuda for m in mains)
+    print("PASS megatron over NCCL with bf16 compute on float32 main weights and an optimiser-state round trip")
+
+
 def launcher(root: Path) -> None:
     sets = ["train.device=cuda", "model.dtype=bfloat16", "rollout.engine=transformers", "rollout.weight_sync=ipc",
             "grpo.steps=3",
@@ -95,6 +120,13 @@ def main() -> None:
             child.start()
             child.join()
             assert child.exitcode == 0, f"FSDP2 over NCCL (offload={offload}) failed: see above"
+        if importlib.util.find_spec("megatron") is not None:
+            child = multiprocessing.get_context("spawn").Process(target=megatron_nccl, args=(path, root))
+            child.start()
+            child.join()
+            assert child.exitcode == 0, "megatron over NCCL failed: see above"
+        else:
+            print("SKIP megatron over NCCL: megatron-core is not installed (pip install '.[megatron]')")
         launcher(root)
 
 
