@@ -90,3 +90,31 @@ def torch_engine_reference(model_path: str, batch, train_cfg) -> dict:
            "updated": ray.get(worker.logprobs.remote(batch, 0.7))}
     ray.kill(worker)
     return out
+
+
+def image_and_text_batch(model_dir: str, images_dir: Path):
+    """Four GRPO rows: 0 and 3 share a prompt with an image, 1 and 2 a text-only prompt. Their lengths are set so
+    that two data-parallel ranks, dealt rows by tokens, get [0, 3] and [1, 2]: one rank sees no image at all."""
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from lingshu_rl.data.image_demo import make_image_demo
+    from lingshu_rl.data.vision import encode_prompt_with_images, load_image_processor
+    from lingshu_rl.train.batch import collate, with_vision
+    from lingshu_rl.train.split import balanced_shards
+
+    train, _ = make_image_demo(n_train=2, n_heldout=1, cache_dir=images_dir)
+    tokenizer, processor = AutoTokenizer.from_pretrained(model_dir), load_image_processor(model_dir)
+    (image_prompt, image), (text_prompt, none) = (encode_prompt_with_images(tokenizer, processor, s)
+                                                   for s in (train[0], replace(train[1], images=[])))
+    assert none is None and len(image_prompt) > len(text_prompt)
+    top = len(image_prompt) + 12  # row 0's length; rows 1 and 2 one and two tokens shorter, row 3 short
+    responses = [12, top - 1 - len(text_prompt), top - 2 - len(text_prompt), 2]
+    gen = torch.Generator().manual_seed(0)
+    batch = collate([image_prompt, text_prompt, text_prompt, image_prompt],
+                    [torch.randint(3, 600, (n,), generator=gen).tolist() for n in responses], tokenizer.pad_token_id)
+    batch = with_vision(batch.with_(advantages=torch.randn(4, generator=gen)), [image, None, None, image])
+    assert balanced_shards(batch.attention_mask.sum(dim=1).tolist(), 2) == [[0, 3], [1, 2]]
+    return batch

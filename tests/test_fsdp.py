@@ -182,6 +182,33 @@ def test_dp2_vl_model_with_packing_equals_one_process(cluster, tiny_vl: str, tmp
     group.kill()
 
 
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_dp2_vl_model_with_a_rank_that_sees_no_image_equals_one_process(cluster, tiny_vl: str, tmp_path: Path,
+                                                                        share_prompts: bool) -> None:
+    """Rank 1's rows are text-only: its forward runs the vision tower on a blank image (adding 0 x its output), so
+    the vision blocks' all-gathers and reduce-scatters pair with rank 0's real ones. Without that the ranks' next
+    collectives mismatch and a rank dies. Log-probs, then two GRPO updates, against one process."""
+    import ray
+    from conftest import image_and_text_batch
+
+    batch = image_and_text_batch(tiny_vl, tmp_path)
+    cfg = train_cfg(micro_batch_size=2, share_prompts=share_prompts)
+    single = TorchEngine(tiny_vl, ModelConfig(), replace(cfg, threads=0), total_steps=8)
+    group = start_group(tiny_vl, replace(cfg, strategy="fsdp2", data_parallel_size=2))
+    try:
+        assert float((ray.get(group.logprobs.remote(batch, 0.7), timeout=120) - single.logprobs(batch, 0.7))
+                     .abs().max()) < TOL
+        loss = GRPOLoss(temperature=0.7)
+        for _ in range(2):
+            ours, theirs = single.update(batch, loss), ray.get(group.update.remote(batch, loss), timeout=120)
+            assert theirs["actor/grad_norm"] == pytest.approx(ours["actor/grad_norm"], abs=TOL, rel=TOL)
+        weights = single.weights()
+        assert any(k.startswith("model.visual.") for k in weights)
+        assert close(weights, ray.get(group.weights.remote())) < TOL
+    finally:
+        group.kill()
+
+
 def test_sharded_checkpoint_resumes_at_another_size(cluster, tiny: str, tmp_path: Path) -> None:
     import ray
 

@@ -101,6 +101,30 @@ def test_vision_language_model_under_megatron_matches_torch_engine(model_dir: st
         group.kill()
 
 
+def test_a_replica_that_sees_no_image_sums_the_tower_gradients_as_zero(model_dir: str, reference,
+                                                                        tmp_path: Path) -> None:
+    """DP=2: replica 1's rows are text-only, so its vision tower gets no gradient. The replicas sum gradients tensor
+    by tensor (to each tensor's owner): the tower's must count as zero there, not be skipped, or every later sum
+    pairs the wrong tensors."""
+    import ray
+    from conftest import image_and_text_batch, torch_engine_reference
+
+    from lingshu_rl.grpo.loss import GRPOLoss
+    from lingshu_rl.train.group import PolicyGroup
+
+    batch = image_and_text_batch(model_dir, tmp_path)
+    weights = torch_engine_reference(model_dir, batch, train_cfg())["weights"]
+    group = PolicyGroup.start(lambda rank: {"num_cpus": 0}, model_dir, ModelConfig(),
+                              train_cfg(engine="megatron", data_parallel_size=2), 4, True, 0, 1)
+    try:
+        for _ in range(2):
+            ray.get(group.update.remote(batch, GRPOLoss(temperature=0.7)), timeout=120)
+        after = ray.get(group.weights.remote())
+    finally:
+        group.kill()
+    assert max(float((after[k] - weights[k]).abs().max()) for k in weights) < 1e-4
+
+
 def test_freezing_the_vision_tower_by_its_hugging_face_names(model_dir: str, reference) -> None:
     import ray
 

@@ -137,6 +137,25 @@ def test_packed_rows_with_images_give_the_unpacked_loss(engine: TorchEngine, dem
     assert abs(wrong - losses[0]) > 1e-4
 
 
+def test_micro_batches_of_text_only_rows_carry_no_image_inputs(model_dir: str, tmp_path: Path) -> None:
+    """A micro-batch cut from a batch with images, holding only text-only rows, has no image inputs at all: an empty
+    pixel tensor sent to the vision tower raised in transformers' position code. The update of micro-batches of one
+    row equals the update of the whole batch at once."""
+    from conftest import image_and_text_batch
+
+    from lingshu_rl.grpo.loss import GRPOLoss
+
+    batch = image_and_text_batch(model_dir, tmp_path)
+    text_rows = batch.select(torch.tensor([1, 2]))
+    assert text_rows.pixel_values is None and text_rows.image_grid_thw is None and text_rows.image_counts is None
+    assert batch.select(torch.tensor([2, 3])).image_counts.tolist() == [0, 1]
+    metrics = []
+    for micro in (1, 4):
+        engine = TorchEngine(model_dir, ModelConfig(), TrainConfig(lr=1e-3, micro_batch_size=micro))
+        metrics.append(engine.update(batch, GRPOLoss()))
+    assert metrics[0]["actor/grad_norm"] == pytest.approx(metrics[1]["actor/grad_norm"], rel=1e-5)
+
+
 def test_a_bad_image_path_names_the_sample_and_the_path(tmp_path: Path, demo) -> None:
     good = demo[0][0].images[0]
     rows = [{"id": "ok", "prompt": "Where?", "answer": "A", "images": [good]},

@@ -63,8 +63,10 @@ class TokenBatch:
         patches = self.image_grid_thw.prod(dim=-1)
         first_patch = torch.cumsum(patches, 0) - patches
         images = [i for r in rows for i in range(int(first_image[r]), int(first_image[r] + self.image_counts[r]))]
+        if not images:  # text-only rows: no image inputs at all (an empty pixel tensor would reach the vision tower)
+            return {}
         patch_rows = [torch.arange(int(first_patch[i]), int(first_patch[i] + patches[i])) for i in images]
-        return {"pixel_values": self.pixel_values[torch.cat(patch_rows)] if patch_rows else self.pixel_values[:0],
+        return {"pixel_values": self.pixel_values[torch.cat(patch_rows)],
                 "image_grid_thw": self.image_grid_thw[images], "image_counts": self.image_counts[index]}
 
     def chunks(self, size: int) -> list[TokenBatch]:

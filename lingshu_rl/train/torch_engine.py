@@ -65,9 +65,35 @@ class PolicyModel(torch.nn.Module):
     and output head around the whole computation, and no full ``[N, T, V]`` logits tensor is ever formed.
     """
 
-    def __init__(self, lm: PreTrainedModel, chunk: int):
+    def __init__(self, lm: PreTrainedModel, chunk: int, blank_image: bool = False):
         super().__init__()
-        self.lm, self.chunk = lm, chunk
+        self.lm, self.chunk, self.blank_image = lm, chunk, blank_image
+
+    @contextlib.contextmanager
+    def _vision_tower_runs(self, has_images: bool) -> Iterator[None]:
+        """``blank_image`` (an FSDP2-sharded vision-language model): a forward without images still runs the vision
+        tower, on a blank 2x2-token image right after the token embedding (where the real images go), adding 0 x its
+        output. Each vision block's all-gather and gradient reduce-scatter is a collective of every rank, so a rank
+        whose micro-batch is text-only would otherwise pair its next collective with its peers' vision ones."""
+        if has_images or not self.blank_image:
+            yield
+            return
+        vision = self.lm.config.vision_config
+        merge = vision.spatial_merge_size
+
+        def add_blank_image(module: torch.nn.Module, args: object, embeds: Tensor) -> Tensor:
+            handle.remove()  # once: the first embedding call is the pass that would have taken the images
+            width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+            pixels = torch.zeros(4 * merge * merge, width, dtype=embeds.dtype, device=embeds.device)
+            grid = torch.tensor([[1, 2 * merge, 2 * merge]], device=embeds.device)
+            features = self.lm.base_model.visual(pixels, grid_thw=grid).pooler_output
+            return embeds + 0.0 * features.mean()
+
+        handle = self.lm.get_input_embeddings().register_forward_hook(add_blank_image)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def forward(self, inputs: dict[str, Tensor], input_ids: Tensor, response_mask: Tensor, temperature: float,
                 with_entropy: bool, share: SharedPrompts | None = None) -> tuple[Tensor, Tensor | None]:
@@ -75,11 +101,13 @@ class PolicyModel(torch.nn.Module):
         positions and the pixel inputs of the rows the prompt pass runs on."""
         head = self.lm.get_output_embeddings()
         if share is None:
-            hidden = self.lm.base_model(input_ids=input_ids, **inputs).last_hidden_state
+            with self._vision_tower_runs("pixel_values" in inputs):
+                hidden = self.lm.base_model(input_ids=input_ids, **inputs).last_hidden_state
             return response_logprobs(hidden, head, input_ids, response_mask, temperature, with_entropy, self.chunk)
         vision = {k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")}
-        hidden, index, valid = shared_prompt_forward(self.lm.base_model, input_ids, inputs["position_ids"], share,
-                                                     vision)
+        with self._vision_tower_runs(bool(vision)):
+            hidden, index, valid = shared_prompt_forward(self.lm.base_model, input_ids, inputs["position_ids"], share,
+                                                         vision)
         logprobs, entropy = response_logprobs(hidden, head, input_ids.gather(1, index),
                                               response_mask.gather(1, index) * valid, temperature, with_entropy,
                                               self.chunk)
@@ -158,7 +186,7 @@ class TorchEngine:
             freeze(lm, self.cfg.freeze)
         else:
             lm.requires_grad_(False)
-        return PolicyModel(lm, self.cfg.logprob_chunk)
+        return PolicyModel(lm, self.cfg.logprob_chunk, blank_image=self.sharded and hasattr(lm.config, "vision_config"))
 
     @property
     def lm(self) -> PreTrainedModel:
