@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -86,7 +87,8 @@ class PolicyModel(torch.nn.Module):
             width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
             pixels = torch.zeros(4 * merge * merge, width, dtype=embeds.dtype, device=embeds.device)
             grid = torch.tensor([[1, 2 * merge, 2 * merge]], device=embeds.device)
-            features = self.lm.base_model.visual(pixels, grid_thw=grid).pooler_output
+            tower = cast(torch.nn.Module, self.lm.base_model.visual)
+            features = tower(pixels, grid_thw=grid).pooler_output
             return embeds + 0.0 * features.mean()
 
         handle = self.lm.get_input_embeddings().register_forward_hook(add_blank_image)

@@ -14,6 +14,7 @@ data-parallel size, split or not.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -66,53 +67,63 @@ class ReplicaOptimizer:
         check_lr_groups([hf for _, hf, _ in named], cfg)  # every glob matches somewhere, not necessarily here
         self.optimizer, self.scheduler = make_optimizer(
             [(hf, m) for (_, hf, _), m in zip(named, self.main) if m is not None], cfg, total_steps, lr, check=False)
+        # gradients accumulate over the micro-batches in float32 (megatron's main_grad), as the torch engine's
+        # float32 masters' do: each backward's bf16 gradient is added here and dropped
+        self.grads: list[Tensor | None] = [None] * len(self.params)
+        for index, param in enumerate(self.params):
+            param.register_post_accumulate_grad_hook(functools.partial(self._accumulate, index))
 
-    def _mine(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-        return [(p, m) for p, m in zip(self.params, self.main) if m is not None]
+    def _accumulate(self, index: int, param: torch.nn.Parameter) -> None:
+        assert param.grad is not None  # the hook runs after autograd wrote it
+        grad, param.grad = param.grad.float(), None  # float(): the same tensor when already float32
+        held = self.grads[index]
+        self.grads[index] = grad if held is None else held.add_(grad)
 
     def reduce_gradients(self) -> None:
-        """Sum each gradient over the replicas (to its owner when split), then over the tensor-parallel group for the
-        sequence-parallel norms (each rank's saw its share of the sequence)."""
-        if self.dp_size > 1:
-            for param, source, own in zip(self.params, self.sources, self.owned):
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)  # a replica saw no image
+        """Sum each gradient over the replicas (to its owner when split; the others drop theirs), then over the
+        tensor-parallel group for the sequence-parallel norms (each rank's saw its share of the sequence)."""
+        for index, (param, source, own) in enumerate(zip(self.params, self.sources, self.owned)):
+            grad = self.grads[index]
+            if self.dp_size > 1:
+                if grad is None:  # this replica formed none (its rows had no image): it adds zero
+                    grad = torch.zeros_like(param, dtype=torch.float32)
                 if self.distributed:
                     torch.distributed.reduce(grad, dst=source, group=self.dp_group)
                 else:
                     torch.distributed.all_reduce(grad, group=self.dp_group)
-                param.grad = grad if own else None
-        for param, _ in self._mine():
-            if getattr(param, "sequence_parallel", False) and param.grad is not None:
-                torch.distributed.all_reduce(param.grad, group=self.tp_group)
+            if own and grad is not None and getattr(param, "sequence_parallel", False):
+                torch.distributed.all_reduce(grad, group=self.tp_group)
+            self.grads[index] = grad if own else None
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: squared norms of the kept gradients summed over
         the tensor-parallel group (replicated tensors counted on its rank 0) and, when split, over the replicas."""
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        grads = [p.grad for p, _ in self._mine() if p.grad is not None]
+        kept = [(param, grad) for param, grad in zip(self.params, self.grads) if grad is not None]
         squares = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
-        for param, _ in self._mine():
-            if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += param.grad.float().square().sum()
+        for param, grad in kept:
+            if param_is_not_tensor_parallel_duplicate(param):
+                squares += grad.square().sum()
         torch.distributed.all_reduce(squares, group=self.tp_group)
         if self.distributed:
             torch.distributed.all_reduce(squares, group=self.dp_group)
         total = squares.sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(coef.to(grad.dtype))
+        for _, grad in kept:
+            grad.mul_(coef)
         return float(total)
 
     def step(self) -> None:
-        halves = [(param, main) for param, main in self._mine() if main is not param]
-        for param, main in halves:
-            main.grad = None if param.grad is None else param.grad.float()
+        for main, grad in zip(self.main, self.grads):
+            if main is not None:
+                main.grad = grad
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            for param, main in halves:
-                param.copy_(main)
+            for param, main in zip(self.params, self.main):
+                if main is not None and main is not param:
+                    param.copy_(main)
         self._share()
 
     def _share(self) -> None:
@@ -123,6 +134,7 @@ class ReplicaOptimizer:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.grads = [None] * len(self.params)
         for param in self.params:
             param.grad = None
 
