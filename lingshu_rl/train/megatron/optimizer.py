@@ -51,6 +51,7 @@ class ReplicaOptimizer:
         self.tp_rank = torch.distributed.get_rank(tp_group)
         self.dp_rank, self.dp_size = torch.distributed.get_rank(dp_group), torch.distributed.get_world_size(dp_group)
         self.distributed = distributed and self.dp_size > 1
+        # the same deal on every rank of a replica: megatron splits each tensor evenly over the tensor-parallel ranks
         owners = deal_by_size([p.numel() for p in self.params], self.dp_size) if self.distributed else \
             [self.dp_rank] * len(self.params)
         self.sources = [torch.distributed.get_global_rank(dp_group, o) for o in owners]  # where each tensor is kept
