@@ -38,12 +38,9 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, 
 
 
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, total_steps: int,
-                   lr: float | None = None, check: bool = True
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters ``named`` (per-glob learning rates) and its schedule. ``check=False``:
-    the caller checked the globs against a larger set (``named`` is this rank's share of it)."""
-    if check:
-        check_lr_groups([name for name, _ in named], cfg)
+                   lr: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters ``named`` (per-glob learning rates) and its schedule; the caller checks
+    the globs (:func:`check_lr_groups`) against all trainable names, of which ``named`` may be a share."""
     optimizer = torch.optim.AdamW(param_groups(named, cfg, lr or cfg.lr), betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

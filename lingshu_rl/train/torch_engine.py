@@ -34,7 +34,7 @@ from lingshu_rl.train import fsdp
 from lingshu_rl.train.batch import TokenBatch
 from lingshu_rl.train.fsdp import DistInfo
 from lingshu_rl.train.logprob import response_logprobs
-from lingshu_rl.train.optim import make_optimizer
+from lingshu_rl.train.optim import check_lr_groups, make_optimizer
 from lingshu_rl.train.prefix import SharedPrompts, find_shared_prompts, shared_prompt_forward
 from lingshu_rl.train.protocol import Loss
 from lingshu_rl.train.split import MiniBatch, blank_row, plan_updates
@@ -176,6 +176,7 @@ class TorchEngine:
         if trainable:
             named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]  # sharding replaced them
             self.params = [p for _, p in named]
+            check_lr_groups([name for name, _ in named], train_cfg)
             self.optimizer, self.scheduler = make_optimizer(named, train_cfg, total_steps, lr)
 
     def _build(self, model_path: str, model_cfg: ModelConfig, storage: torch.dtype,

@@ -67,7 +67,7 @@ class ReplicaOptimizer:
             for p, own in zip(self.params, self.owned)]
         check_lr_groups([hf for _, hf, _ in named], cfg)  # every glob matches somewhere, not necessarily here
         self.optimizer, self.scheduler = make_optimizer(
-            [(hf, m) for (_, hf, _), m in zip(named, self.main) if m is not None], cfg, total_steps, lr, check=False)
+            [(hf, m) for (_, hf, _), m in zip(named, self.main) if m is not None], cfg, total_steps, lr)
         # gradients accumulate over the micro-batches in float32 (megatron's main_grad), as the torch engine's
         # float32 masters' do: each backward's bf16 gradient is added here and dropped
         self.grads: list[Tensor | None] = [None] * len(self.params)
